@@ -1,0 +1,134 @@
+"""Typed values of the EgressPolicy / EgressGateway API, after validation.
+
+These are what the rest of the gateway (and the operator) work with; nothing here
+parses or does I/O. Field names follow the API, in Python spelling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .addresses import IPNetwork
+from .hosts import Host, HostPattern
+
+Mode = Literal["Enforce", "Audit"]
+Action = Literal["Allow", "Deny"]
+RuleKind = Literal["allow", "deny"]
+
+DEFAULT_PORTS: tuple[int, ...] = (80, 443)
+DEFAULT_CLIENT_CIDRS: tuple[str, ...] = (
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One allow or deny entry: a host pattern or a CIDR, and optional ports.
+
+    ``ports`` None means "the gateway's defaultPorts" for allow rules and "every port"
+    for deny rules (a deny should never be narrower than its author expects).
+    """
+
+    kind: RuleKind
+    index: int
+    host: HostPattern | None = None
+    cidr: IPNetwork | None = None
+    ports: tuple[int, ...] | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}[{self.index}]"
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {}
+        if self.host is not None:
+            out["host"] = self.host.text
+        if self.cidr is not None:
+            out["cidr"] = str(self.cidr)
+        if self.ports is not None:
+            out["ports"] = list(self.ports)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayRef:
+    name: str
+    namespace: str
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    namespace: str
+    name: str
+    mode: Mode = "Enforce"
+    gateway_ref: GatewayRef | None = None
+    sources: tuple[IPNetwork, ...] | None = None
+    allow: tuple[Rule, ...] = ()
+    deny: tuple[Rule, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def rule_count(self) -> int:
+        return len(self.allow) + len(self.deny)
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSettings:
+    servers: tuple[str, ...] = ()
+    cache_enabled: bool = True
+    min_ttl: int = 5
+    max_ttl: int = 300
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceSelection:
+    """allowedPolicyNamespaces: which namespaces may bind policies to a gateway."""
+
+    from_: Literal["All", "Same", "Selector"] = "All"
+    match_labels: dict[str, str] = field(default_factory=dict)
+    match_expressions: tuple[dict[str, object], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """The data-plane relevant part of an EgressGateway (workload settings stay raw)."""
+
+    name: str = "default"
+    namespace: str = "tidegate-system"
+    mode: Mode = "Enforce"
+    default_action: Action = "Deny"
+    default_ports: tuple[int, ...] = DEFAULT_PORTS
+    client_cidrs: tuple[IPNetwork, ...] = ()
+    allowed_policy_namespaces: NamespaceSelection = field(default_factory=NamespaceSelection)
+    block_private_destinations: bool = True
+    private_destination_exceptions: tuple[IPNetwork, ...] = ()
+    require_sni_match: bool = True
+    dns: DnsSettings = field(default_factory=DnsSettings)
+    workload: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+__all__ = [
+    "DEFAULT_CLIENT_CIDRS",
+    "DEFAULT_PORTS",
+    "Action",
+    "DnsSettings",
+    "Gateway",
+    "GatewayRef",
+    "Host",
+    "HostPattern",
+    "Mode",
+    "NamespaceSelection",
+    "Policy",
+    "Rule",
+]
