@@ -59,7 +59,9 @@ def gateway_to_object(gateway: Gateway) -> dict[str, Any]:
             "clientCIDRs": [str(n) for n in gateway.client_cidrs],
             "allowedPolicyNamespaces": namespaces,
             "blockPrivateDestinations": gateway.block_private_destinations,
-            "privateDestinationExceptions": [str(n) for n in gateway.private_destination_exceptions],
+            "privateDestinationExceptions": [
+                str(n) for n in gateway.private_destination_exceptions
+            ],
             "tls": {"requireSNIMatch": gateway.require_sni_match},
             "dns": {
                 "servers": list(gateway.dns.servers),

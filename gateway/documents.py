@@ -17,7 +17,7 @@ from typing import Any, cast
 import yaml
 
 from .addresses import IPNetwork, parse_network
-from .hosts import Host, HostError, HostPattern, parse_host_pattern
+from .hosts import Host, HostError, parse_host_pattern
 from .model import (
     DEFAULT_CLIENT_CIDRS,
     DEFAULT_PORTS,
@@ -270,7 +270,9 @@ def _dns_server(text: str, path: str) -> str:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        raise PolicyError(f"{text!r} must be an IP address, optionally with :port", field=path)
+        raise PolicyError(
+            f"{text!r} must be an IP address, optionally with :port", field=path
+        ) from None
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise PolicyError(f"invalid port in {text!r}", field=path)
     return text

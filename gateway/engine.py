@@ -117,7 +117,7 @@ class Engine:
         if self._middle:
             labels = name.split(".")
             for i in range(1, len(labels) - 1):
-                key = ".".join(labels[:i] + ["*"] + labels[i + 1 :])
+                key = ".".join([*labels[:i], "*", *labels[i + 1 :]])
                 found.extend(self._middle.get(key, ()))
         return found
 

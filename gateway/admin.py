@@ -1,0 +1,35 @@
+"""The admin server on its own port: /metrics, /healthz, /readyz (aiohttp).
+
+Kept apart from the proxy port so a client of the proxy can never reach it, and so a
+saturated proxy port does not make the pod look dead.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .observe import Metrics
+from .state import GatewayState
+
+
+def make_admin_app(*, state: GatewayState, metrics: Metrics) -> web.Application:
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(request: web.Request) -> web.Response:
+        if state.draining:
+            return web.Response(status=503, text="draining\n")
+        if state.engine is None:
+            return web.Response(status=503, text="no policy bundle loaded\n")
+        return web.Response(text=f"ready: bundle generation {state.generation}\n")
+
+    async def metrics_handler(request: web.Request) -> web.Response:
+        body = generate_latest(metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    return app

@@ -1,0 +1,87 @@
+"""Run the gateway: load the first bundle, open both ports, reload live, stop cleanly.
+
+The process exits 0 after a SIGTERM/SIGINT drain (see ``ProxyServer.shutdown`` for the
+order), so an orchestrator's rolling update never records a failure for a clean stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from aiohttp import web
+
+from .admin import make_admin_app
+from .observe import AccessLog, Metrics
+from .proxy import ProxyServer
+from .settings import Limits
+from .sources import BundleFileSource, ConfigMapSource, DirectorySource
+from .state import GatewayState
+
+log = logging.getLogger("tidegate.gateway")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayOptions:
+    listen: tuple[str, int]
+    metrics_listen: tuple[str, int] | None
+    policies: Path | None = None
+    bundle: Path | None = None
+    configmap: tuple[str, str] | None = None
+    reload_interval: float = 1.0
+    limits: Limits = field(default_factory=Limits)
+    access_log: IO[str] | None = sys.stdout
+
+
+async def run_gateway(options: GatewayOptions) -> int:
+    metrics = Metrics()
+    state = GatewayState(metrics=metrics, dns_timeout=options.limits.dns_timeout)
+    access_log = AccessLog(options.access_log)
+    tasks: list[asyncio.Task[None]] = []
+
+    if options.policies is not None:
+        directory = DirectorySource(options.policies, state, interval=options.reload_interval)
+        await directory.load_once()
+        tasks.append(asyncio.create_task(directory.run()))
+    if options.bundle is not None:
+        file_source = BundleFileSource(options.bundle, state, interval=options.reload_interval)
+        await file_source.load_once()
+        tasks.append(asyncio.create_task(file_source.run()))
+    if options.configmap is not None:
+        namespace, name = options.configmap
+        tasks.append(asyncio.create_task(ConfigMapSource(namespace, name, state).run()))
+    if state.engine is None:
+        log.warning("no valid policy bundle yet: answering 503 until one loads")
+
+    proxy = ProxyServer(state=state, limits=options.limits, metrics=metrics, access_log=access_log)
+    runner: web.AppRunner | None = None
+    if options.metrics_listen is not None:
+        runner = web.AppRunner(make_admin_app(state=state, metrics=metrics), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, *options.metrics_listen).start()
+        log.info("metrics and health on %s:%d", *options.metrics_listen)
+    bound = await proxy.listen(*options.listen)
+    log.info("proxy listening on %s", ", ".join(f"{h}:{p}" for h, p in bound))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: draining %d connections", len(proxy.connections))
+    await proxy.shutdown()
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if runner is not None:
+        await runner.cleanup()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,252 @@
+"""Where bundles come from, and how changes are noticed.
+
+- ``DirectorySource``: a folder of EgressPolicy / EgressGateway YAML (standalone mode).
+- ``BundleFileSource``: a compiled bundle file, typically a mounted ConfigMap. The kubelet
+  updates those by swapping a ``..data`` symlink, so we compare what the path resolves
+  to (inode, size, mtime), not the symlink itself.
+- ``ConfigMapSource``: in a cluster, watch the bundle ConfigMap through the API server,
+  which delivers a change within a second instead of the kubelet's sync period. When the
+  API is unreachable the file source keeps working and the last good bundle stays.
+
+Polling (once a second by default) is deliberate for files: it is portable, survives the
+directory being replaced wholesale, and costs a few ``stat`` calls. Every source hands
+its result to ``GatewayState.apply``; a broken update is rejected there with a log line
+and a metric, and the bundle in force stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import ssl
+from pathlib import Path
+
+import aiohttp
+
+from .bundle import Bundle, compile_bundle, load_bundle
+from .documents import Documents, PolicyError, merge_documents, parse_documents
+from .model import Gateway
+from .state import GatewayState
+
+log = logging.getLogger("tidegate.gateway.sources")
+
+_SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+def read_policy_dir(directory: Path) -> Documents:
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    parts = []
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        parts.append((str(path), parse_documents(text, source=str(path))))
+    return merge_documents(parts)
+
+
+def bundle_from_documents(docs: Documents, *, generation: int) -> Bundle:
+    """Compile folder contents into a bundle exactly as the operator would."""
+    gateway = docs.gateway or Gateway()
+    data = compile_bundle(gateway=gateway, policies=docs.policies, generation=generation)
+    return load_bundle(data, source="<compiled>")
+
+
+def _signature(paths: list[Path]) -> tuple[tuple[str, int, int, int], ...]:
+    out = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        out.append((str(path), st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+class DirectorySource:
+    def __init__(self, directory: Path, state: GatewayState, *, interval: float = 1.0) -> None:
+        self.directory = directory
+        self.state = state
+        self.interval = interval
+        self._signature: object = None
+        self._generation = 0
+
+    def _files(self) -> list[Path]:
+        try:
+            return sorted(p for p in self.directory.iterdir() if p.suffix in (".yaml", ".yml"))
+        except OSError:
+            return []
+
+    async def load_once(self) -> bool:
+        signature = (_signature(self._files()), _signature([self.directory]))
+        if signature == self._signature:
+            return False
+        self._signature = signature
+        source = str(self.directory)
+        try:
+            docs = read_policy_dir(self.directory)
+            bundle = bundle_from_documents(docs, generation=self._generation + 1)
+        except (PolicyError, OSError, UnicodeDecodeError) as exc:
+            self.state.reject(exc, source=source)
+            return False
+        if bundle.sha256 == self.state.sha256:
+            return False
+        self._generation += 1
+        return await self.state.apply(bundle, source=source)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.load_once()
+
+
+class BundleFileSource:
+    def __init__(self, path: Path, state: GatewayState, *, interval: float = 1.0) -> None:
+        self.path = path
+        self.state = state
+        self.interval = interval
+        self._signature: object = None
+
+    def _candidates(self) -> list[Path]:
+        return [self.path, self.path.with_name(self.path.name + ".gz")]
+
+    async def load_once(self) -> bool:
+        signature = _signature(self._candidates())
+        if signature == self._signature:
+            return False
+        self._signature = signature
+        for path in self._candidates():
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                self.state.reject(exc, source=str(path))
+                return False
+            try:
+                bundle = load_bundle(data, source=str(path))
+            except PolicyError as exc:
+                self.state.reject(exc, source=str(path))
+                return False
+            return await self.state.apply(bundle, source=str(path))
+        return False
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.load_once()
+
+
+def bundle_bytes_from_configmap(obj: dict[str, object]) -> bytes | None:
+    data = obj.get("data") or {}
+    binary = obj.get("binaryData") or {}
+    assert isinstance(data, dict) and isinstance(binary, dict)
+    if "bundle.json" in data:
+        return str(data["bundle.json"]).encode()
+    if "bundle.json.gz" in binary:
+        return base64.b64decode(str(binary["bundle.json.gz"]))
+    return None
+
+
+class ConfigMapSource:
+    """Watch one ConfigMap with the pod's ServiceAccount (get/list/watch on it only)."""
+
+    def __init__(
+        self,
+        namespace: str,
+        name: str,
+        state: GatewayState,
+        *,
+        server: str | None = None,
+        token_path: Path = _SA_DIR / "token",
+        ca_path: Path | None = _SA_DIR / "ca.crt",
+        retry_interval: float = 1.0,
+    ) -> None:
+        self.namespace = namespace
+        self.name = name
+        self.state = state
+        if server is None:
+            host = os.environ.get("KUBERNETES_SERVICE_HOST", "")
+            port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+            host = f"[{host}]" if ":" in host else host
+            server = f"https://{host}:{port}"
+        self.server = server.rstrip("/")
+        self.token_path = token_path
+        self.ca_path = ca_path
+        self.retry_interval = retry_interval
+        self.connected = False
+
+    def _ssl(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        if self.ca_path is not None and self.ca_path.exists():
+            context = ssl.create_default_context(cafile=str(self.ca_path))
+        return context
+
+    def _headers(self) -> dict[str, str]:
+        # Re-read every time: projected tokens rotate.
+        token = self.token_path.read_text().strip()
+        return {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+
+    async def _apply(self, obj: dict[str, object]) -> None:
+        source = f"configmap {self.namespace}/{self.name}"
+        data = bundle_bytes_from_configmap(obj)
+        if data is None:
+            self.state.reject(PolicyError("no bundle.json key"), source=source)
+            return
+        try:
+            bundle = load_bundle(data, source=source)
+        except PolicyError as exc:
+            self.state.reject(exc, source=source)
+            return
+        await self.state.apply(bundle, source=source)
+
+    async def run(self) -> None:
+        url = f"{self.server}/api/v1/namespaces/{self.namespace}/configmaps"
+        selector = f"metadata.name={self.name}"
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=330)
+        while True:
+            try:
+                async with aiohttp.ClientSession(timeout=timeout) as session:
+                    ssl_context = self._ssl()
+                    params = {"fieldSelector": selector}
+                    async with session.get(
+                        url, params=params, headers=self._headers(), ssl=ssl_context
+                    ) as resp:
+                        if resp.status != 200:
+                            raise RuntimeError(f"list: HTTP {resp.status} {await resp.text()}")
+                        listing = await resp.json()
+                    self.connected = True
+                    for item in listing.get("items", []):
+                        await self._apply(item)
+                    version = listing["metadata"]["resourceVersion"]
+                    params = {
+                        "fieldSelector": selector,
+                        "watch": "1",
+                        "resourceVersion": version,
+                        "allowWatchBookmarks": "true",
+                        "timeoutSeconds": "300",
+                    }
+                    async with session.get(
+                        url, params=params, headers=self._headers(), ssl=ssl_context
+                    ) as resp:
+                        if resp.status != 200:
+                            raise RuntimeError(f"watch: HTTP {resp.status}")
+                        async for line in resp.content:
+                            if not line.strip():
+                                continue
+                            event = json.loads(line)
+                            if event.get("type") in ("ADDED", "MODIFIED"):
+                                await self._apply(event["object"])
+                            elif event.get("type") == "ERROR":
+                                break  # e.g. 410 Gone: list again
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.connected = False
+                log.warning(
+                    "watching configmap %s/%s failed (%s); the last good bundle stays in force",
+                    self.namespace,
+                    self.name,
+                    exc,
+                )
+                await asyncio.sleep(self.retry_interval)

@@ -1,0 +1,37 @@
+"""``tidegate`` command line: dispatches to the data plane or the control plane.
+
+The operator is imported only when its subcommand runs, so the gateway image path never
+loads kopf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["operator"]:
+        from tidegate.operator.main import run
+
+        return run(argv[1:])
+    from tidegate.gateway import cli
+
+    parser = argparse.ArgumentParser(prog="tidegate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    cli.add_gateway_parser(sub)
+    cli.add_check_parser(sub)
+    cli.add_suggest_parser(sub)
+    sub.add_parser("operator", help="run the Kubernetes operator (see tidegate operator --help)")
+    args = parser.parse_args(argv)
+    runners = {
+        "gateway": cli.run_gateway_command,
+        "check": cli.run_check_command,
+        "suggest": cli.run_suggest_command,
+    }
+    return runners[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
