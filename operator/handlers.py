@@ -1,0 +1,253 @@
+"""kopf handlers: thin adapters from watch events to reconcile requests.
+
+Every handler does the same few things: refresh the reconciler's view of kopf's indexes,
+work out which gateway(s) the event concerns, and request a pass for them. The work itself
+(binding, bundle, workload, status, Events) lives in :mod:`tidegate.operator.reconcile`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import kopf
+
+from .binding import DEFAULT_GATEWAY, gateway_key_of, make_entry
+from .kubeapi import Credentials, KubeClient, discover
+from .metrics import Metrics
+from .reconcile import Reconciler, Settings, Views
+from .render import LABEL_GATEWAY, LABEL_MANAGED_BY, MANAGER
+
+GROUP, VERSION = "tidegate.io", "v1alpha1"
+POLICIES, GATEWAYS = "egresspolicies", "egressgateways"
+RESYNC_SECONDS = 60.0
+OWNED = {LABEL_MANAGED_BY: MANAGER}
+
+log = logging.getLogger("tidegate.operator")
+
+
+@dataclass
+class Runtime:
+    """The operator's shared state, handed to every handler through kopf's memo."""
+
+    kubeconfig: str | None = None
+    settings: Settings = field(default_factory=Settings)
+    metrics: Metrics = field(default_factory=Metrics)
+    resync_seconds: float = RESYNC_SECONDS
+    credentials: Credentials | None = None
+    reconciler: Reconciler | None = None
+    resync_task: asyncio.Task[None] | None = None
+
+    def attach(self, kwargs: Mapping[str, Any]) -> Reconciler:
+        """Point the reconciler at kopf's live indexes; start the resync loop once."""
+        if self.reconciler is None:
+            raise kopf.TemporaryError("the operator is still starting", delay=1)
+        self.reconciler.views = Views(
+            gateways=kwargs["gateway_index"],
+            policies=kwargs["policy_index"],
+            namespaces=kwargs["namespace_index"],
+        )
+        if self.resync_task is None or self.resync_task.done():
+            # Created here, inside a resource handler, so the task (and the reconcile tasks
+            # it spawns) inherit kopf's context, which its Event posting needs.
+            self.resync_task = asyncio.create_task(self._resync(), name="tidegate resync")
+        return self.reconciler
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self.resync_seconds)
+            if self.reconciler is not None:
+                self.reconciler.request_all()
+
+
+def _runtime(memo: Any) -> Runtime:
+    runtime = getattr(memo, "runtime", None)
+    if not isinstance(runtime, Runtime):
+        raise kopf.PermanentError("the operator was started without its runtime (use run())")
+    return runtime
+
+
+def _emit(body: Mapping[str, Any], *, type: str, reason: str, message: str) -> None:
+    try:
+        kopf.event(
+            kopf.Body(cast(Any, dict(body))), type=type, reason=reason, message=message[:1024]
+        )
+    except LookupError:  # outside kopf's context (tests): log only
+        log.info("event %s %s: %s", type, reason, message)
+
+
+# --- lifecycle ---------------------------------------------------------------------------------
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    runtime = _runtime(memo)
+    settings.posting.level = logging.WARNING  # kopf's own chatter stays in the logs
+    settings.persistence.finalizer = "tidegate.io/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="tidegate.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="tidegate.io", key="last-handled-configuration"
+    )
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+    runtime.credentials = discover(runtime.kubeconfig)
+    client = KubeClient(runtime.credentials)
+    runtime.reconciler = Reconciler(client, runtime.settings, runtime.metrics, _emit)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: Any, **_: Any) -> None:
+    runtime = _runtime(memo)
+    if runtime.resync_task is not None:
+        runtime.resync_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runtime.resync_task
+    if runtime.reconciler is not None:
+        await runtime.reconciler.close()
+        await runtime.reconciler.client.close()
+
+
+@kopf.on.login()
+def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
+    """``--kubeconfig`` if given, else in-cluster, else $KUBECONFIG / ~/.kube/config."""
+    creds = discover(_runtime(memo).kubeconfig)
+    token = creds.current_token()
+    return kopf.ConnectionInfo(
+        server=creds.server,
+        ca_path=creds.ca_file,
+        ca_data=creds.ca_data,
+        insecure=creds.insecure,
+        scheme="Bearer" if token else None,
+        token=token,
+        certificate_path=creds.cert_file,
+        private_key_path=creds.key_file,
+        certificate_data=creds.cert_data,
+        private_key_data=creds.key_data,
+        default_namespace=creds.default_namespace,
+    )
+
+
+# --- indexes: what reconciles read instead of listing the API ----------------------------------
+
+
+@kopf.index(GROUP, VERSION, GATEWAYS)
+def gateway_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[str, Any]:
+    return {f"{namespace or ''}/{name}": copy.deepcopy(dict(body))}
+
+
+@kopf.index(GROUP, VERSION, POLICIES)
+def policy_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
+    entry = make_entry(body, default_gateway=_runtime(memo).settings.default_gateway)
+    return {entry.gateway: entry}
+
+
+@kopf.index("", "v1", "namespaces")
+def namespace_index(name: str, labels: kopf.Labels, **_: Any) -> dict[str, Any]:
+    return {name: dict(labels)}
+
+
+# --- EgressPolicy ------------------------------------------------------------------------------
+
+
+def _ref_key(spec: Any, namespace: str | None, default_gateway: str) -> str:
+    return gateway_key_of(
+        spec if isinstance(spec, Mapping) else {}, namespace or "", default_gateway
+    )
+
+
+@kopf.on.resume(GROUP, VERSION, POLICIES)
+@kopf.on.create(GROUP, VERSION, POLICIES)
+@kopf.on.update(GROUP, VERSION, POLICIES)
+def policy_changed(
+    body: kopf.Body, old: Any, namespace: str | None, memo: Any, logger: Any, **kwargs: Any
+) -> None:
+    started = time.monotonic()
+    runtime = _runtime(memo)
+    reconciler = runtime.attach(kwargs)
+    default = runtime.settings.default_gateway
+    entry = make_entry(body, default_gateway=default)
+    reconciler.request(entry.gateway)
+    if isinstance(old, Mapping):
+        previous = _ref_key(old.get("spec"), namespace or "", default)
+        if previous != entry.gateway:
+            reconciler.request(previous)  # it leaves that gateway's bundle
+    if entry.error:
+        logger.warning("invalid: %s", entry.error)
+    runtime.metrics.observe("EgressPolicy", time.monotonic() - started, True)
+
+
+@kopf.on.event(GROUP, VERSION, POLICIES)
+def policy_event(
+    type: str, body: kopf.Body, namespace: str | None, memo: Any, **kwargs: Any
+) -> None:
+    if type != "DELETED":
+        return
+    runtime = _runtime(memo)
+    spec = body.get("spec")
+    runtime.attach(kwargs).request(
+        _ref_key(spec, namespace or "", runtime.settings.default_gateway)
+    )
+
+
+# --- EgressGateway -----------------------------------------------------------------------------
+
+
+@kopf.on.resume(GROUP, VERSION, GATEWAYS)
+@kopf.on.create(GROUP, VERSION, GATEWAYS)
+@kopf.on.update(GROUP, VERSION, GATEWAYS)
+def gateway_changed(namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
+    _runtime(memo).attach(kwargs).request(f"{namespace or ''}/{name}")
+
+
+@kopf.on.event(GROUP, VERSION, GATEWAYS)
+def gateway_event(type: str, namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
+    if type == "DELETED":  # its policies now point at nothing
+        _runtime(memo).attach(kwargs).request(f"{namespace or ''}/{name}")
+
+
+# --- owned objects: put hand edits back, pick up readiness and load balancer addresses ---------
+
+
+def _owned_changed(labels: kopf.Labels, namespace: str | None, memo: Any, kwargs: Any) -> None:
+    gateway = labels.get(LABEL_GATEWAY)
+    if gateway:
+        _runtime(memo).attach(kwargs).request(f"{namespace or ''}/{gateway}")
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=OWNED)
+def deployment_event(labels: kopf.Labels, namespace: str | None, memo: Any, **kwargs: Any) -> None:
+    _owned_changed(labels, namespace, memo, kwargs)
+
+
+@kopf.on.event("", "v1", "services", labels=OWNED)
+def service_event(labels: kopf.Labels, namespace: str | None, memo: Any, **kwargs: Any) -> None:
+    _owned_changed(labels, namespace, memo, kwargs)
+
+
+@kopf.on.event("", "v1", "configmaps", labels=OWNED)
+def configmap_event(labels: kopf.Labels, namespace: str | None, memo: Any, **kwargs: Any) -> None:
+    _owned_changed(labels, namespace, memo, kwargs)
+
+
+# --- namespaces: a label change can admit or refuse policies under a Selector ------------------
+
+
+def _uses_selector(body: Mapping[str, Any]) -> bool:
+    spec = body.get("spec") or {}
+    return bool((spec.get("allowedPolicyNamespaces") or {}).get("from") == "Selector")
+
+
+@kopf.on.event("", "v1", "namespaces")
+def namespace_event(type: str | None, memo: Any, **kwargs: Any) -> None:
+    if type is None:  # the initial listing: the gateways' own resume handlers cover it
+        return
+    _runtime(memo).attach(kwargs).request_all(_uses_selector)
+
+
+__all__ = ["DEFAULT_GATEWAY", "Runtime"]

@@ -1,0 +1,148 @@
+"""Tidegate's control plane: a kopf operator for EgressPolicy and EgressGateway.
+
+It validates policies, compiles every policy bound to a gateway into one versioned bundle
+in a ConfigMap (which the gateway pods hot-reload), renders each gateway's workload
+(Deployment, Service, PodDisruptionBudget, HorizontalPodAutoscaler, ServiceAccount, RBAC)
+and reports status and Events. ``tidegate operator --help`` lists its settings.
+
+This folder is a namespace package on purpose (no ``__init__.py``): it is imported as
+``tidegate.operator`` and must never shadow the standard library's ``operator``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from .render import DEFAULT_IMAGE
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _namespaced_name(text: str) -> str:
+    namespace, sep, name = text.partition("/")
+    if not sep or not namespace or not name or "/" in name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAMESPACE/NAME")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tidegate operator",
+        description="Run the Tidegate operator (control plane) against a Kubernetes cluster.",
+    )
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        dest="namespaces",
+        metavar="NS",
+        help="watch only this namespace (repeatable; globs allowed)",
+    )
+    scope.add_argument(
+        "--all-namespaces",
+        "-A",
+        action="store_true",
+        help="watch every namespace (the default)",
+    )
+    peering = parser.add_mutually_exclusive_group()
+    peering.add_argument(
+        "--peering",
+        default="tidegate",
+        metavar="NAME",
+        help="kopf peering object shared by replicas, so only one is active (default: tidegate)",
+    )
+    peering.add_argument(
+        "--standalone", action="store_true", help="no peering: assume this is the only replica"
+    )
+    parser.add_argument(
+        "--liveness",
+        default="http://0.0.0.0:8080/healthz",
+        metavar="URL",
+        help="liveness endpoint (default: http://0.0.0.0:8080/healthz)",
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        type=_host_port,
+        default=("0.0.0.0", 9090),
+        metavar="HOST:PORT",
+        help="where to serve Prometheus /metrics (default: 0.0.0.0:9090)",
+    )
+    parser.add_argument(
+        "--gateway-image",
+        default=DEFAULT_IMAGE,
+        help=f"gateway image when the EgressGateway sets none (default: {DEFAULT_IMAGE})",
+    )
+    parser.add_argument(
+        "--default-gateway",
+        type=_namespaced_name,
+        default="tidegate-system/default",
+        metavar="NS/NAME",
+        help="gateway of policies without gatewayRef (default: tidegate-system/default)",
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        help="kubeconfig file (default: in-cluster, else $KUBECONFIG or ~/.kube/config)",
+    )
+    parser.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=60.0,
+        help="re-check every gateway this often, whatever happens (default: 60)",
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    return parser
+
+
+def run(argv: Sequence[str]) -> int:
+    """``tidegate operator ...``: parse arguments, then run kopf until signalled."""
+    args = build_parser().parse_args(list(argv))
+    try:
+        import kopf
+    except ImportError:
+        print("tidegate operator needs kopf: pip install 'tidegate[operator]'", file=sys.stderr)
+        return 2
+    from prometheus_client import start_http_server
+
+    from . import handlers  # registers the handlers with kopf
+    from .reconcile import Settings
+
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON, log_refkey="object")
+    runtime = handlers.Runtime(
+        kubeconfig=args.kubeconfig,
+        settings=Settings(gateway_image=args.gateway_image, default_gateway=args.default_gateway),
+        resync_seconds=args.resync_seconds,
+    )
+    host, port = args.metrics_listen
+    start_http_server(port, addr=host, registry=runtime.metrics.registry)
+    logging.getLogger("tidegate.operator").info(
+        "metrics on %s:%d, liveness on %s", host, port, args.liveness
+    )
+    namespaces: list[str] = args.namespaces or []
+    try:
+        asyncio.run(
+            kopf.operator(
+                clusterwide=not namespaces,
+                namespaces=namespaces,
+                standalone=True if args.standalone else None,
+                peering_name=None if args.standalone else args.peering,
+                liveness_endpoint=args.liveness,
+                memo=kopf.Memo(runtime=runtime),
+            )
+        )
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(run(sys.argv[1:]))

@@ -1,0 +1,473 @@
+"""The gateway reconciler: one pass makes a gateway's world match its spec and policies.
+
+A pass, for gateway ``ns/name``:
+
+1. take the gateway and the policies pointing at it from kopf's in-memory indexes
+   (no API list per pass);
+2. bind: admit or refuse each policy (allowedPolicyNamespaces), keep the last accepted
+   version of a policy that became invalid, leave out the rest;
+3. compile the bundle; write the ConfigMap only if its sha256 changed (optimistic
+   concurrency: a 409 re-reads and retries);
+4. server-side apply the workload objects (a hand edit of an owned field is put back);
+5. write the policies' and the gateway's status where it changed, with Events on
+   transitions.
+
+Passes are requested, not run inline: requests for one gateway coalesce, so a burst of
+policy changes costs one or two passes, and passes for different gateways run in parallel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tidegate.gateway.bundle import load_bundle
+from tidegate.gateway.documents import PolicyError, parse_gateway
+from tidegate.gateway.model import Gateway, Policy
+
+from .binding import DEFAULT_GATEWAY, PolicyEntry, Verdict, bind
+from .bundlemap import (
+    BundleTooLarge,
+    Compiled,
+    StoredBundle,
+    compile_for_store,
+    read_stored,
+    render_bundle_configmap,
+)
+from .kubeapi import ApiError, KubeClient, path_of, resource_path
+from .metrics import Metrics
+from .render import DEFAULT_IMAGE, Names, Owner, render_workload
+from .status import (
+    addresses_of,
+    bundle_status,
+    gateway_readiness,
+    gateway_status,
+    policy_status,
+    policy_status_from_verdict,
+    ready_replicas_of,
+    status_differs,
+)
+
+log = logging.getLogger("tidegate.operator")
+
+GROUP_VERSION = "tidegate.io/v1alpha1"
+CONFLICT_RETRIES = 5
+STATUS_CONCURRENCY = 16
+
+
+class Emit(Protocol):
+    def __call__(
+        self, body: Mapping[str, Any], *, type: str, reason: str, message: str
+    ) -> None: ...
+
+
+def _no_emit(body: Mapping[str, Any], *, type: str, reason: str, message: str) -> None:
+    log.info("event %s %s: %s", type, reason, message)
+
+
+@dataclass
+class Settings:
+    gateway_image: str = DEFAULT_IMAGE
+    default_gateway: str = DEFAULT_GATEWAY
+    debounce_seconds: float = 0.2
+    max_backoff_seconds: float = 60.0
+
+
+def _first(store: Iterable[Any] | None) -> Any:
+    return next(iter(store), None) if store is not None else None
+
+
+def _ready_of(conditions: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    return next((c for c in conditions if c.get("type") == "Ready"), None)
+
+
+@dataclass
+class Views:
+    """What kopf's indexes hold; each is a mapping of key to an iterable of values."""
+
+    gateways: Mapping[str, Iterable[Mapping[str, Any]]] = field(default_factory=dict)
+    policies: Mapping[str, Iterable[PolicyEntry]] = field(default_factory=dict)
+    namespaces: Mapping[str, Iterable[Mapping[str, str]]] = field(default_factory=dict)
+
+    def namespace_labels(self) -> dict[str, Mapping[str, str]]:
+        return {ns: _first(labels) or {} for ns, labels in self.namespaces.items()}
+
+
+class Reconciler:
+    def __init__(
+        self,
+        client: KubeClient,
+        settings: Settings | None = None,
+        metrics: Metrics | None = None,
+        emit: Emit = _no_emit,
+    ) -> None:
+        self.client = client
+        self.settings = settings or Settings()
+        self.metrics = metrics or Metrics()
+        self.emit = emit
+        self.views = Views()
+        self._dirty: set[str] = set()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._hpa_absent: set[str] = set()
+        self._gauged: set[str] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- scheduling ---------------------------------------------------------------------
+
+    def request(self, key: str) -> None:
+        """Ask for a pass over gateway ``ns/name`` soon; cheap, idempotent, coalescing."""
+        self._dirty.add(key)
+        task = self._tasks.get(key)
+        if task is None or task.done():
+            self._idle.clear()
+            self._tasks[key] = asyncio.create_task(self._worker(key), name=f"reconcile {key}")
+
+    def request_all(self, predicate: Callable[[Mapping[str, Any]], bool] | None = None) -> None:
+        for key, store in list(self.views.gateways.items()):
+            body = _first(store)
+            if body is not None and (predicate is None or predicate(body)):
+                self.request(key)
+
+    async def _worker(self, key: str) -> None:
+        backoff = 1.0
+        try:
+            while key in self._dirty:
+                await asyncio.sleep(self.settings.debounce_seconds)
+                self._dirty.discard(key)
+                try:
+                    await self.reconcile(key)
+                    backoff = 1.0
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    level = logging.WARNING if isinstance(exc, ApiError) else logging.ERROR
+                    log.log(
+                        level,
+                        "reconcile of gateway %s failed, retrying in %.0fs: %s",
+                        key,
+                        backoff,
+                        exc,
+                        exc_info=not isinstance(exc, ApiError),
+                    )
+                    self._dirty.add(key)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.settings.max_backoff_seconds)
+        finally:
+            if all(t.done() or t is asyncio.current_task() for t in self._tasks.values()):
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    # --- one pass -----------------------------------------------------------------------
+
+    async def reconcile(self, key: str) -> None:
+        started = time.monotonic()
+        ok = False
+        try:
+            body = _first(self.views.gateways.get(key))
+            if body is None:
+                await self._orphaned(key)
+            else:
+                await self._reconcile_gateway(key, body)
+            ok = True
+        finally:
+            self.metrics.observe("EgressGateway", time.monotonic() - started, ok)
+
+    async def _orphaned(self, key: str) -> None:
+        """The gateway does not exist: every policy pointing at it says so."""
+        if key in self._gauged:
+            self.metrics.bundle_bytes.remove(key)
+            self._gauged.discard(key)
+        verdicts = []
+        for entry in self.views.policies.get(key, ()):
+            if entry.policy is None:
+                verdicts.append(Verdict(entry, "Invalid", f"{entry.error}", None))
+            else:
+                verdicts.append(
+                    Verdict(entry, "GatewayNotFound", f"EgressGateway {key} does not exist", None)
+                )
+        await self._write_policy_statuses(verdicts)
+
+    async def _reconcile_gateway(self, key: str, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        namespace, name = str(meta["namespace"]), str(meta["name"])
+        generation = int(meta.get("generation") or 0)
+        previous = body.get("status") or {}
+        try:
+            gateway = parse_gateway(body, default_namespace=namespace)
+        except PolicyError as exc:
+            await self._gateway_invalid(body, str(exc), generation, previous)
+            entries = list(self.views.policies.get(key, ()))
+            await self._write_policy_statuses(
+                [
+                    Verdict(e, "GatewayInvalid", f"EgressGateway {key} is invalid: {exc}", None)
+                    for e in entries
+                ]
+            )
+            return
+        names = Names(name, namespace)
+        owner = Owner(name, str(meta.get("uid") or ""))
+
+        compiled, binding_verdicts, too_large = await self._publish_bundle(
+            gateway, names, owner, previous
+        )
+        deployment, service = await self._apply_workload(gateway, names, owner)
+        await self._write_policy_statuses(binding_verdicts)
+
+        ready_replicas = ready_replicas_of(deployment)
+        addresses = addresses_of(service)
+        wanted = int(((deployment or {}).get("spec") or {}).get("replicas") or 0)
+        service_type = str(((service or {}).get("spec") or {}).get("type") or "ClusterIP")
+        if too_large is not None:
+            ready, reason, message = False, "BundleTooLarge", str(too_large)
+        else:
+            ready, reason, message = gateway_readiness(
+                wanted_replicas=wanted,
+                ready_replicas=ready_replicas,
+                service_type=service_type,
+                addresses=addresses,
+            )
+        status = gateway_status(
+            generation=generation,
+            previous=previous,
+            reason=reason,
+            message=message,
+            ready=ready,
+            policies=(
+                len([v for v in binding_verdicts if v.compiled is not None])
+                if compiled is not None
+                else None
+            ),
+            bundle=bundle_status(compiled) if compiled is not None else None,
+            ready_replicas=ready_replicas,
+            addresses=addresses,
+        )
+        if compiled is not None:
+            self.metrics.bundle_bytes.labels(gateway=key).set(compiled.bytes)
+            self._gauged.add(key)
+        await self._write_gateway_status(body, previous, status)
+
+    async def _gateway_invalid(
+        self, body: Mapping[str, Any], message: str, generation: int, previous: Mapping[str, Any]
+    ) -> None:
+        status = gateway_status(
+            generation=generation,
+            previous=previous,
+            reason="Invalid",
+            message=message,
+            ready=False,
+        )
+        await self._write_gateway_status(body, previous, status)
+
+    # --- the bundle -----------------------------------------------------------------------
+
+    def _last_good(self, stored: StoredBundle) -> dict[str, Policy]:
+        raw = stored.raw
+        if raw is None:
+            return {}
+        try:
+            return {p.key: p for p in load_bundle(raw).policies}
+        except PolicyError as exc:
+            log.warning("the stored bundle cannot be read back (%s); not carrying it over", exc)
+            return {}
+
+    async def _publish_bundle(
+        self,
+        gateway: Gateway,
+        names: Names,
+        owner: Owner,
+        previous: Mapping[str, Any],
+    ) -> tuple[Compiled | None, list[Verdict], BundleTooLarge | None]:
+        path = resource_path("v1", "ConfigMap", names.namespace, names.bundle)
+        known = int(((previous.get("bundle") or {}).get("generation")) or 0)
+        entries = list(self.views.policies.get(names.key, ()))
+        labels = self.views.namespace_labels()
+        for attempt in range(CONFLICT_RETRIES):
+            stored = read_stored(await self.client.get(path))
+            needs_last_good = any(e.policy is None for e in entries)
+            binding = bind(
+                gateway,
+                entries,
+                labels,
+                last_good=self._last_good(stored) if needs_last_good else None,
+            )
+            verdicts = list(binding.verdicts)
+            try:
+                compiled = compile_for_store(
+                    gateway, binding.policies, stored, known_generation=known
+                )
+            except BundleTooLarge as exc:
+                self.emit(
+                    self._ref(gateway), type="Warning", reason="BundleTooLarge", message=str(exc)
+                )
+                return None, verdicts, exc
+            if not compiled.changed:
+                return compiled, verdicts, None
+            obj = render_bundle_configmap(names, compiled, owner)
+            try:
+                if stored.resource_version is None:
+                    await self.client.create(obj)
+                else:
+                    obj["metadata"]["resourceVersion"] = stored.resource_version
+                    await self.client.replace(obj)
+            except ApiError as exc:
+                if exc.status == 409 and attempt + 1 < CONFLICT_RETRIES:
+                    log.info(
+                        "bundle ConfigMap %s/%s changed under us (%s); retrying",
+                        names.namespace,
+                        names.bundle,
+                        exc.reason or "Conflict",
+                    )
+                    continue
+                raise
+            log.info(
+                "published bundle %s generation %d sha256 %s (%d bytes%s, %d policies)",
+                names.key,
+                compiled.generation,
+                compiled.sha256[:12],
+                compiled.bytes,
+                ", gzip" if compiled.compressed else "",
+                len(binding.policies),
+            )
+            self.emit(
+                self._ref(gateway),
+                type="Normal",
+                reason="BundlePublished",
+                message=(
+                    f"bundle generation {compiled.generation} ({compiled.sha256[:12]}): "
+                    f"{len(binding.policies)} policies, {compiled.bytes} bytes"
+                    + (", gzip-compressed" if compiled.compressed else "")
+                ),
+            )
+            return compiled, verdicts, None
+        raise ApiError(409, "bundle ConfigMap kept changing", "Conflict")  # pragma: no cover
+
+    @staticmethod
+    def _ref(gateway: Gateway) -> dict[str, Any]:
+        return {
+            "apiVersion": GROUP_VERSION,
+            "kind": "EgressGateway",
+            "metadata": {"name": gateway.name, "namespace": gateway.namespace},
+        }
+
+    # --- the workload ---------------------------------------------------------------------
+
+    async def _apply_workload(
+        self, gateway: Gateway, names: Names, owner: Owner
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        current_replicas: int | None = None
+        autoscaling = bool(gateway.workload.get("autoscaling"))
+        if autoscaling:
+            live = await self.client.get(
+                resource_path("apps/v1", "Deployment", names.namespace, names.workload)
+            )
+            if live is not None:
+                value = (live.get("spec") or {}).get("replicas")
+                current_replicas = value if isinstance(value, int) else None
+        objects = render_workload(
+            gateway,
+            names,
+            image=self.settings.gateway_image,
+            owner=owner,
+            current_replicas=current_replicas,
+        )
+        deployment: dict[str, Any] | None = None
+        service: dict[str, Any] | None = None
+        for obj in objects:
+            applied = await self.client.apply(obj)
+            if obj["kind"] == "Deployment":
+                deployment = applied
+            elif obj["kind"] == "Service":
+                service = applied
+        if autoscaling:
+            self._hpa_absent.discard(names.key)
+        elif names.key not in self._hpa_absent:
+            path = resource_path(
+                "autoscaling/v2", "HorizontalPodAutoscaler", names.namespace, names.workload
+            )
+            if await self.client.delete(path):
+                log.info("deleted HorizontalPodAutoscaler %s (autoscaling unset)", path)
+            self._hpa_absent.add(names.key)
+        return deployment, service
+
+    # --- status -----------------------------------------------------------------------------
+
+    async def _write_gateway_status(
+        self, body: Mapping[str, Any], previous: Mapping[str, Any], status: dict[str, Any]
+    ) -> None:
+        old_ready = _ready_of(previous.get("conditions") or ()) or {}
+        new_ready = status["conditions"][0]
+        if not status_differs(previous, status):
+            return
+        path = path_of(
+            {
+                "apiVersion": GROUP_VERSION,
+                "kind": "EgressGateway",
+                "metadata": body["metadata"],
+            },
+            "status",
+        )
+        try:
+            await self.client.merge_patch(path, {"status": status})
+        except ApiError as exc:
+            if exc.status == 404:
+                return
+            raise
+        if (old_ready.get("status"), old_ready.get("reason")) != (
+            new_ready["status"],
+            new_ready["reason"],
+        ):
+            kind = "Normal" if new_ready["status"] == "True" else "Warning"
+            if new_ready["reason"] in ("Progressing", "AwaitingAddress"):
+                kind = "Normal"
+            self.emit(body, type=kind, reason=new_ready["reason"], message=new_ready["message"])
+
+    async def _write_policy_statuses(self, verdicts: list[Verdict]) -> None:
+        semaphore = asyncio.Semaphore(STATUS_CONCURRENCY)
+
+        async def one(verdict: Verdict) -> None:
+            entry = verdict.entry
+            desired = policy_status_from_verdict(verdict)
+            current = {
+                "observedGeneration": entry.status_observed,
+                "gateway": entry.status_gateway,
+                "rules": entry.status_rules,
+                "conditions": list(entry.conditions),
+            }
+            if not status_differs(current, desired):
+                return
+            path = resource_path(
+                GROUP_VERSION, "EgressPolicy", entry.namespace, entry.name, "status"
+            )
+            async with semaphore:
+                try:
+                    await self.client.merge_patch(path, {"status": desired})
+                except ApiError as exc:
+                    if exc.status == 404:
+                        return
+                    raise
+            old = _ready_of(entry.conditions) or {}
+            new = desired["conditions"][0]
+            if (old.get("reason"), old.get("message")) != (new["reason"], new["message"]):
+                self.emit(
+                    entry.body_ref,
+                    type="Normal" if verdict.ready else "Warning",
+                    reason=verdict.reason,
+                    message=verdict.message,
+                )
+
+        await asyncio.gather(*(one(v) for v in verdicts))
+
+
+__all__ = ["Reconciler", "Settings", "Views", "policy_status"]

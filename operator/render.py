@@ -1,0 +1,425 @@
+"""Pure renderers: an EgressGateway in, the Kubernetes objects that run it out.
+
+Nothing here talks to the API server. Every function returns plain dicts in the shape the
+API expects, complete enough to be server-side applied as-is: re-applying them puts any
+hand edit of a field the operator owns back to what the gateway's spec says.
+
+The Deployment's pod template depends only on the gateway's spec and the operator's
+settings, never on the bundle: a policy change rewrites the bundle ConfigMap, which the
+pods hot-reload, and never rolls the Deployment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tidegate.gateway.model import Gateway
+
+DEFAULT_IMAGE = "tidegate:0.1.0"
+MANAGER = "tidegate-operator"
+PROXY_PORT = 3128
+METRICS_PORT = 9090
+BUNDLE_DIR = "/etc/tidegate/bundle"
+BUNDLE_KEY = "bundle.json"
+BUNDLE_GZ_KEY = "bundle.json.gz"
+RUN_AS = 65532
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_GATEWAY = "tidegate.io/gateway"
+
+ANN_BUNDLE_SHA = "tidegate.io/bundle-sha256"
+ANN_BUNDLE_GENERATION = "tidegate.io/bundle-generation"
+
+AWS_LB = "service.beta.kubernetes.io/aws-load-balancer-"
+
+DEFAULT_RESOURCES: dict[str, Any] = {
+    "requests": {"cpu": "100m", "memory": "128Mi"},
+    "limits": {"memory": "512Mi"},
+}
+TOPOLOGY_KEYS = {"zone": "topology.kubernetes.io/zone", "hostname": "kubernetes.io/hostname"}
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """Names of everything one gateway owns, all in the gateway's namespace."""
+
+    gateway: str
+    namespace: str
+
+    @property
+    def workload(self) -> str:
+        """Deployment, Service, PDB, HPA, ServiceAccount, Role and RoleBinding."""
+        return f"{self.gateway}-gateway"
+
+    @property
+    def bundle(self) -> str:
+        return f"{self.gateway}-bundle"
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.gateway}"
+
+    def selector(self) -> dict[str, str]:
+        return {LABEL_NAME: "tidegate-gateway", LABEL_INSTANCE: self.gateway}
+
+    def labels(self) -> dict[str, str]:
+        return {
+            **self.selector(),
+            LABEL_COMPONENT: "gateway",
+            LABEL_MANAGED_BY: MANAGER,
+            LABEL_GATEWAY: self.gateway,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """What an ownerReference needs to know about the EgressGateway object."""
+
+    name: str
+    uid: str
+    api_version: str = "tidegate.io/v1alpha1"
+    kind: str = "EgressGateway"
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": self.api_version,
+            "kind": self.kind,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def object_meta(names: Names, owner: Owner | None, name: str | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name or names.workload,
+        "namespace": names.namespace,
+        "labels": names.labels(),
+    }
+    if owner is not None:
+        meta["ownerReferences"] = [owner.reference()]
+    return meta
+
+
+def _workload(gateway: Gateway) -> Mapping[str, Any]:
+    return gateway.workload
+
+
+def _mapping(value: object) -> dict[str, Any]:
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+# --- identity and RBAC --------------------------------------------------------------------
+
+
+def render_service_account(names: Names, owner: Owner | None = None) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": object_meta(names, owner)}
+
+
+def render_role(names: Names, owner: Owner | None = None) -> dict[str, Any]:
+    """Read access to the gateway's own bundle ConfigMap, and nothing else."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": object_meta(names, owner),
+        "rules": [
+            {
+                "apiGroups": [""],
+                "resources": ["configmaps"],
+                "resourceNames": [names.bundle],
+                "verbs": ["get", "list", "watch"],
+            }
+        ],
+    }
+
+
+def render_role_binding(names: Names, owner: Owner | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": object_meta(names, owner),
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": names.workload,
+        },
+        "subjects": [
+            {"kind": "ServiceAccount", "name": names.workload, "namespace": names.namespace}
+        ],
+    }
+
+
+# --- workload -----------------------------------------------------------------------------
+
+
+def desired_replicas(gateway: Gateway, current: int | None = None) -> int | None:
+    """Replicas to put in the Deployment: the spec's, or under autoscaling the live count.
+
+    With an HPA the Deployment's replica count belongs to the HPA. Dropping the field
+    from an apply would reset it to 1 for a moment (the field's default), so the operator
+    carries the live value over instead; on first creation it starts at minReplicas.
+    """
+    workload = _workload(gateway)
+    autoscaling = _mapping(workload.get("autoscaling"))
+    if autoscaling:
+        if current is not None:
+            return current
+        return int(autoscaling.get("minReplicas", 2))
+    replicas = workload.get("replicas", 2)
+    return int(replicas) if isinstance(replicas, int) else 2
+
+
+def min_available_replicas(gateway: Gateway) -> int:
+    """The smallest replica count the spec allows (for the PDB decision)."""
+    autoscaling = _mapping(_workload(gateway).get("autoscaling"))
+    if autoscaling:
+        return int(autoscaling.get("minReplicas", 2))
+    replicas = _workload(gateway).get("replicas", 2)
+    return int(replicas) if isinstance(replicas, int) else 2
+
+
+def gateway_command(names: Names) -> list[str]:
+    return [
+        "tidegate",
+        "gateway",
+        "--bundle",
+        f"{BUNDLE_DIR}/{BUNDLE_KEY}",
+        "--configmap",
+        f"{names.namespace}/{names.bundle}",
+        "--listen",
+        f"0.0.0.0:{PROXY_PORT}",
+        "--metrics-listen",
+        f"0.0.0.0:{METRICS_PORT}",
+    ]
+
+
+def _topology_spread(gateway: Gateway, names: Names) -> list[dict[str, Any]]:
+    mode = _workload(gateway).get("topologySpread", "zone")
+    key = TOPOLOGY_KEYS.get(str(mode))
+    if key is None:
+        return []
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": key,
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": names.selector()},
+        }
+    ]
+
+
+def render_deployment(
+    gateway: Gateway,
+    names: Names,
+    *,
+    image: str = DEFAULT_IMAGE,
+    owner: Owner | None = None,
+    current_replicas: int | None = None,
+) -> dict[str, Any]:
+    workload = _workload(gateway)
+    spec_image = workload.get("image")
+    container: dict[str, Any] = {
+        "name": "gateway",
+        "image": spec_image if isinstance(spec_image, str) and spec_image else image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": gateway_command(names),
+        "ports": [
+            {"name": "proxy", "containerPort": PROXY_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": "metrics"},
+            "periodSeconds": 5,
+            "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "metrics"},
+            "initialDelaySeconds": 5,
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "resources": _mapping(workload.get("resources")) or DEFAULT_RESOURCES,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "bundle", "mountPath": BUNDLE_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": names.workload,
+        "automountServiceAccountToken": True,
+        "terminationGracePeriodSeconds": 60,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {
+                "name": "bundle",
+                "configMap": {
+                    "name": names.bundle,
+                    # Only one of the two keys exists at a time; optional skips the other.
+                    "optional": True,
+                    "items": [
+                        {"key": BUNDLE_KEY, "path": BUNDLE_KEY},
+                        {"key": BUNDLE_GZ_KEY, "path": BUNDLE_GZ_KEY},
+                    ],
+                },
+            },
+            {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+        ],
+    }
+    spread = _topology_spread(gateway, names)
+    if spread:
+        pod_spec["topologySpreadConstraints"] = spread
+    for field in ("nodeSelector", "affinity"):
+        value = _mapping(workload.get(field))
+        if value:
+            pod_spec[field] = value
+    tolerations = workload.get("tolerations")
+    if isinstance(tolerations, list) and tolerations:
+        pod_spec["tolerations"] = list(tolerations)
+
+    spec: dict[str, Any] = {
+        "selector": {"matchLabels": names.selector()},
+        "strategy": {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+        },
+        "template": {"metadata": {"labels": names.labels()}, "spec": pod_spec},
+    }
+    replicas = desired_replicas(gateway, current_replicas)
+    if replicas is not None:
+        spec["replicas"] = replicas
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": object_meta(names, owner),
+        "spec": spec,
+    }
+
+
+def service_annotations(gateway: Gateway) -> dict[str, str]:
+    """AWS Load Balancer Controller annotations derived from spec.service, plus extras."""
+    service = _mapping(_workload(gateway).get("service"))
+    annotations: dict[str, str] = {}
+    if service.get("type", "LoadBalancer") == "LoadBalancer":
+        annotations[f"{AWS_LB}type"] = "external"
+        annotations[f"{AWS_LB}nlb-target-type"] = "ip"
+        annotations[f"{AWS_LB}scheme"] = str(service.get("scheme", "internet-facing"))
+        eips = [str(e) for e in service.get("eipAllocations") or []]
+        if eips:
+            annotations[f"{AWS_LB}eip-allocations"] = ",".join(eips)
+        subnets = [str(s) for s in service.get("subnets") or []]
+        if subnets:
+            annotations[f"{AWS_LB}subnets"] = ",".join(subnets)
+    for key, value in _mapping(service.get("annotations")).items():
+        annotations[str(key)] = str(value)
+    return annotations
+
+
+def render_service(gateway: Gateway, names: Names, owner: Owner | None = None) -> dict[str, Any]:
+    service = _mapping(_workload(gateway).get("service"))
+    kind = str(service.get("type", "LoadBalancer"))
+    meta = object_meta(names, owner)
+    annotations = service_annotations(gateway)
+    if annotations:
+        meta["annotations"] = annotations
+    spec: dict[str, Any] = {
+        "type": kind,
+        "selector": names.selector(),
+        "ports": [{"name": "proxy", "port": PROXY_PORT, "targetPort": "proxy", "protocol": "TCP"}],
+    }
+    ranges = [str(r) for r in service.get("loadBalancerSourceRanges") or []]
+    if kind == "LoadBalancer" and ranges:
+        spec["loadBalancerSourceRanges"] = ranges
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec}
+
+
+def render_pdb(gateway: Gateway, names: Names, owner: Owner | None = None) -> dict[str, Any]:
+    """At most one gateway pod down at a time for voluntary disruptions (drains).
+
+    With several replicas that keeps at least one serving; with one replica it still lets
+    a node drain proceed rather than block it forever.
+    """
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": object_meta(names, owner),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": names.selector()}},
+    }
+
+
+def render_hpa(gateway: Gateway, names: Names, owner: Owner | None = None) -> dict[str, Any] | None:
+    autoscaling = _mapping(_workload(gateway).get("autoscaling"))
+    if not autoscaling:
+        return None
+    max_replicas = int(autoscaling.get("maxReplicas", 10))
+    min_replicas = min(int(autoscaling.get("minReplicas", 2)), max_replicas)
+    target = int(autoscaling.get("targetCPUUtilizationPercentage", 70))
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": object_meta(names, owner),
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "name": names.workload,
+            },
+            "minReplicas": min_replicas,
+            "maxReplicas": max_replicas,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": target},
+                    },
+                }
+            ],
+        },
+    }
+
+
+def render_workload(
+    gateway: Gateway,
+    names: Names,
+    *,
+    image: str = DEFAULT_IMAGE,
+    owner: Owner | None = None,
+    current_replicas: int | None = None,
+) -> list[dict[str, Any]]:
+    """Everything but the bundle ConfigMap, in the order they should be applied."""
+    objects = [
+        render_service_account(names, owner),
+        render_role(names, owner),
+        render_role_binding(names, owner),
+        render_deployment(
+            gateway, names, image=image, owner=owner, current_replicas=current_replicas
+        ),
+        render_service(gateway, names, owner),
+        render_pdb(gateway, names, owner),
+    ]
+    hpa = render_hpa(gateway, names, owner)
+    if hpa is not None:
+        objects.append(hpa)
+    return objects
