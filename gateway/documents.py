@@ -128,9 +128,9 @@ def _int(value: object, path: str, low: int, high: int) -> int:
 def _choice(value: object, path: str, choices: tuple[str, ...], default: str) -> str:
     if value is None:
         return default
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise PolicyError(f"{value!r} is not one of {', '.join(choices)}", field=path)
-    return cast(str, value)
+    return value
 
 
 def _no_unknown(spec: Mapping[str, Any], path: str, known: Iterable[str]) -> None:

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["operator"]:
         from tidegate.operator.main import run
 
-        return run(argv[1:])
+        return int(run(argv[1:]))
     from tidegate.gateway import cli
 
     parser = argparse.ArgumentParser(prog="tidegate", description=__doc__)

@@ -1,0 +1,303 @@
+"""The policy decision, table-driven, as a pure function (no sockets)."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from typing import Any
+
+import pytest
+import yaml
+
+from tidegate.gateway.documents import parse_gateway, parse_policy
+from tidegate.gateway.engine import Engine
+from tidegate.gateway.hosts import normalize_host
+
+GATEWAY: dict[str, Any] = {
+    "metadata": {"name": "default", "namespace": "tidegate-system"},
+    "spec": {"clientCIDRs": ["10.0.0.0/8", "192.168.0.0/16"]},
+}
+
+POLICIES = """
+- metadata: {name: ci-runners, namespace: ci}
+  spec:
+    allow:
+      - host: github.com
+        ports: [443, 22]
+      - host: "*.githubusercontent.com"
+      - host: "ec2.*.amazonaws.com"
+      - host: "bücher.example"
+      - cidr: 52.216.0.0/15
+    deny:
+      - host: gist.github.com
+      - host: "*.evil.githubusercontent.com"
+- metadata: {name: peered, namespace: data}
+  spec:
+    sources: {cidrs: [10.20.0.0/16]}
+    allow:
+      - host: "*.amazonaws.com"
+      - host: internal.example
+        ports: [8443]
+- metadata: {name: watch-data, namespace: data}
+  spec:
+    mode: Audit
+    sources: {cidrs: [10.20.0.0/16]}
+    deny:
+      - host: s3.amazonaws.com
+- metadata: {name: lab, namespace: lab}
+  spec:
+    mode: Audit
+    sources: {cidrs: [192.168.0.0/16]}
+    allow:
+      - host: example.org
+"""
+
+
+def make_engine(gateway_spec: dict[str, Any] | None = None, policies: str = POLICIES) -> Engine:
+    gateway = dict(GATEWAY)
+    gateway["spec"] = {**GATEWAY["spec"], **(gateway_spec or {})}
+    parsed = tuple(parse_policy(p) for p in yaml.safe_load(policies))
+    return Engine(parse_gateway(gateway), parsed)
+
+
+ENGINE = make_engine()
+
+# client, host, port -> verdict, reason, policy, rule
+CASES = [
+    # exact names, case and trailing dot
+    ("10.1.1.1", "github.com", 443, "allow", "allow_rule", "ci/ci-runners", "allow[0]"),
+    ("10.1.1.1", "GITHUB.com.", 22, "allow", "allow_rule", "ci/ci-runners", "allow[0]"),
+    ("10.1.1.1", "github.com", 80, "deny", "port_not_allowed", "ci/ci-runners", "allow[0]"),
+    ("10.1.1.1", "www.github.com", 443, "deny", "no_rule_matched", None, None),
+    # deny beats allow
+    ("10.1.1.1", "gist.github.com", 443, "deny", "deny_rule", "ci/ci-runners", "deny[0]"),
+    (
+        "10.1.1.1",
+        "x.evil.githubusercontent.com",
+        443,
+        "deny",
+        "deny_rule",
+        "ci/ci-runners",
+        "deny[1]",
+    ),
+    # leading wildcard: any depth below, never the apex
+    (
+        "10.1.1.1",
+        "raw.githubusercontent.com",
+        443,
+        "allow",
+        "allow_rule",
+        "ci/ci-runners",
+        "allow[1]",
+    ),
+    (
+        "10.1.1.1",
+        "a.b.c.githubusercontent.com",
+        80,
+        "allow",
+        "allow_rule",
+        "ci/ci-runners",
+        "allow[1]",
+    ),
+    ("10.1.1.1", "githubusercontent.com", 443, "deny", "no_rule_matched", None, None),
+    ("10.1.1.1", "githubusercontent.com.evil.com", 443, "deny", "no_rule_matched", None, None),
+    ("10.1.1.1", "xgithubusercontent.com", 443, "deny", "no_rule_matched", None, None),
+    # middle wildcard: exactly one label
+    (
+        "10.1.1.1",
+        "ec2.us-east-1.amazonaws.com",
+        443,
+        "allow",
+        "allow_rule",
+        "ci/ci-runners",
+        "allow[2]",
+    ),
+    ("10.1.1.1", "ec2.amazonaws.com", 443, "deny", "no_rule_matched", None, None),
+    ("10.1.1.1", "ec2.a.b.amazonaws.com", 443, "deny", "no_rule_matched", None, None),
+    # IDN in rules and requests
+    ("10.1.1.1", "BÜCHER.example", 443, "allow", "allow_rule", "ci/ci-runners", "allow[3]"),
+    ("10.1.1.1", "xn--bcher-kva.example", 443, "allow", "allow_rule", "ci/ci-runners", "allow[3]"),
+    # CIDR rules match IP literals only
+    ("10.1.1.1", "52.217.255.1", 443, "allow", "allow_rule", "ci/ci-runners", "allow[4]"),
+    ("10.1.1.1", "52.218.0.1", 443, "deny", "no_rule_matched", None, None),
+    # sources: the peered-VPC policy governs 10.20/16 only
+    (
+        "10.20.0.5",
+        "s3.eu-west-1.amazonaws.com",
+        443,
+        "allow",
+        "allow_rule",
+        "data/peered",
+        "allow[0]",
+    ),
+    ("10.1.1.1", "s3.eu-west-1.amazonaws.com", 443, "deny", "no_rule_matched", None, None),
+    ("10.20.0.5", "internal.example", 8443, "allow", "allow_rule", "data/peered", "allow[1]"),
+    ("10.20.0.5", "internal.example", 443, "deny", "port_not_allowed", "data/peered", "allow[1]"),
+    # an Audit policy's deny becomes audit even when an Enforce allow matches
+    ("10.20.0.5", "s3.amazonaws.com", 443, "audit", "deny_rule", "data/watch-data", "deny[0]"),
+    # default deny where every governing policy... is not all Audit (ci-runners governs all)
+    ("192.168.1.1", "unknown.example", 443, "deny", "no_rule_matched", None, None),
+    # client gate
+    ("8.8.8.8", "github.com", 443, "deny", "client_not_allowed", None, None),
+    ("::ffff:10.1.1.1", "github.com", 443, "allow", "allow_rule", "ci/ci-runners", "allow[0]"),
+]
+
+
+@pytest.mark.parametrize(("client", "host", "port", "verdict", "reason", "policy", "rule"), CASES)
+def test_decide(
+    client: str,
+    host: str,
+    port: int,
+    verdict: str,
+    reason: str,
+    policy: str | None,
+    rule: str | None,
+) -> None:
+    decision = ENGINE.decide(ipaddress.ip_address(client), normalize_host(host), port)
+    assert (decision.verdict, decision.reason, decision.policy, decision.rule) == (
+        verdict,
+        reason,
+        policy,
+        rule,
+    ), decision.message
+    assert decision.message
+
+
+AUDIT_ONLY = """
+- metadata: {name: discover, namespace: data}
+  spec:
+    mode: Audit
+    sources: {cidrs: [10.20.0.0/16]}
+    allow: [{host: known.example}]
+- metadata: {name: strict, namespace: web}
+  spec:
+    sources: {cidrs: [10.30.0.0/16]}
+    allow: [{host: known.example}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("client", "host", "verdict", "reason"),
+    [
+        ("10.20.0.1", "known.example", "allow", "allow_rule"),
+        ("10.20.0.1", "unknown.example", "audit", "no_rule_matched"),  # all governing: Audit
+        ("10.30.0.1", "unknown.example", "deny", "no_rule_matched"),  # governed by Enforce
+        ("10.40.0.1", "unknown.example", "deny", "no_rule_matched"),  # governed by nobody
+    ],
+)
+def test_default_deny_becomes_audit_only_when_every_governing_policy_audits(
+    client: str, host: str, verdict: str, reason: str
+) -> None:
+    engine = make_engine(policies=AUDIT_ONLY)
+    decision = engine.decide(ipaddress.ip_address(client), normalize_host(host), 443)
+    assert (decision.verdict, decision.reason) == (verdict, reason)
+
+
+def test_gateway_audit_mode_turns_every_deny_into_audit_but_not_the_client_gate() -> None:
+    engine = make_engine({"mode": "Audit"})
+    c = ipaddress.ip_address("10.1.1.1")
+    assert engine.decide(c, normalize_host("gist.github.com"), 443).verdict == "audit"
+    assert engine.decide(c, normalize_host("nothing.example"), 443).verdict == "audit"
+    assert engine.decide(c, normalize_host("github.com"), 80).verdict == "audit"
+    outsider = ipaddress.ip_address("8.8.8.8")
+    assert engine.decide(outsider, normalize_host("github.com"), 443).verdict == "deny"
+
+
+def test_default_action_allow() -> None:
+    engine = make_engine({"defaultAction": "Allow"})
+    c = ipaddress.ip_address("10.1.1.1")
+    assert engine.decide(c, normalize_host("anything.example"), 443).reason == "default_allow"
+    assert engine.decide(c, normalize_host("gist.github.com"), 443).verdict == "deny"
+
+
+def test_default_ports_come_from_the_gateway() -> None:
+    engine = make_engine({"defaultPorts": [443]})
+    c = ipaddress.ip_address("10.1.1.1")
+    host = normalize_host("raw.githubusercontent.com")
+    assert engine.decide(c, host, 443).verdict == "allow"
+    assert engine.decide(c, host, 80).reason == "port_not_allowed"
+
+
+def test_deny_rule_ports_narrow_the_deny() -> None:
+    engine = make_engine(
+        policies="""
+- metadata: {name: p, namespace: n}
+  spec:
+    allow: [{host: "*.example.com", ports: [22, 443]}]
+    deny: [{host: git.example.com, ports: [22]}]
+"""
+    )
+    c = ipaddress.ip_address("10.1.1.1")
+    assert engine.decide(c, normalize_host("git.example.com"), 22).verdict == "deny"
+    assert engine.decide(c, normalize_host("git.example.com"), 443).verdict == "allow"
+
+
+@pytest.mark.parametrize(
+    ("address", "client", "blocked"),
+    [
+        ("140.82.112.3", "10.1.1.1", None),
+        ("127.0.0.1", "10.1.1.1", "loopback"),
+        ("169.254.169.254", "10.1.1.1", "link-local"),
+        ("10.9.9.9", "10.1.1.1", "private"),
+        ("10.250.0.5", "10.1.1.1", None),  # privateDestinationExceptions
+        ("::ffff:10.9.9.9", "10.1.1.1", "private (embedded in IPv6)"),
+        ("172.20.0.1", "10.20.0.1", None),  # explicit cidr allow, governing policy
+        ("172.20.0.1", "10.1.1.1", "private"),  # same rule, not governing this client
+    ],
+)
+def test_destination_blocked(address: str, client: str, blocked: str | None) -> None:
+    engine = make_engine(
+        {"privateDestinationExceptions": ["10.250.0.0/16"]},
+        policies="""
+- metadata: {name: internal, namespace: data}
+  spec:
+    sources: {cidrs: [10.20.0.0/16]}
+    allow: [{cidr: 172.20.0.0/16}]
+""",
+    )
+    got = engine.destination_blocked(ipaddress.ip_address(address), ipaddress.ip_address(client))
+    assert got == blocked
+
+
+def test_ssrf_guard_can_be_switched_off() -> None:
+    engine = make_engine({"blockPrivateDestinations": False})
+    c = ipaddress.ip_address("10.1.1.1")
+    assert engine.destination_blocked(ipaddress.ip_address("127.0.0.1"), c) is None
+
+
+def test_lookup_cost_does_not_grow_with_rules() -> None:
+    """100,000 rules over 20 policies: a decision stays in microseconds (a loose bound here;
+    benchmarks/ measures it properly)."""
+    hosts = [f"host{i}.example{i % 97}.com" for i in range(50_000)]
+    hosts += [f"*.w{i}.example.net" for i in range(40_000)]
+    hosts += [f"api.*.m{i}.example.org" for i in range(10_000)]
+    policies = tuple(
+        parse_policy(
+            {
+                "metadata": {"name": f"big{k}", "namespace": "n"},
+                "spec": {"allow": [{"host": h} for h in hosts[k * 5000 : (k + 1) * 5000]]},
+            }
+        )
+        for k in range(20)
+    )
+    engine = Engine(parse_gateway(GATEWAY), policies)
+    assert engine.rule_count == 100_000
+    c = ipaddress.ip_address("10.1.1.1")
+    probes = [
+        normalize_host(h)
+        for h in (
+            "host49999.example44.com",
+            "a.b.w39999.example.net",
+            "api.x.m9999.example.org",
+            "nothing.example.com",
+        )
+    ]
+    expected = ["allow", "allow", "allow", "deny"]
+    assert [engine.decide(c, h, 443).verdict for h in probes] == expected
+    n = 2000
+    started = time.perf_counter()
+    for _ in range(n):
+        for h in probes:
+            engine.decide(c, h, 443)
+    per_decision = (time.perf_counter() - started) / (n * len(probes))
+    assert per_decision < 200e-6, f"{per_decision * 1e6:.1f} us per decision"
