@@ -1,0 +1,84 @@
+{{/* Chart name, possibly overridden. */}}
+{{- define "tidegate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Full name of the release's objects. */}}
+{{- define "tidegate.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* chart label value */}}
+{{- define "tidegate.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels every object carries. */}}
+{{- define "tidegate.labels" -}}
+helm.sh/chart: {{ include "tidegate.chart" . }}
+app.kubernetes.io/name: {{ include "tidegate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: tidegate
+{{- end -}}
+
+{{/* Selector labels of the operator pods. */}}
+{{- define "tidegate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tidegate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{/* ServiceAccount of the operator. */}}
+{{- define "tidegate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "tidegate.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The image reference: repository, then @digest or :tag (default appVersion). */}}
+{{- define "tidegate.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Metadata of a custom resource whose CRD this same release may install. Helm resolves
+every kind of a release before creating anything, so on a first install (CRD absent) the
+object is created by a post-install hook instead. The ownership annotations let the next
+upgrade, when the CRD is known, adopt it as a regular release object.
+Call with (dict "root" $ "apiVersion" "group/version/Kind").
+*/}}
+{{- define "tidegate.crMetadataAnnotations" -}}
+meta.helm.sh/release-name: {{ .root.Release.Name }}
+meta.helm.sh/release-namespace: {{ .root.Release.Namespace }}
+{{- if not (.root.Capabilities.APIVersions.Has .apiVersion) }}
+helm.sh/hook: post-install
+helm.sh/hook-weight: "5"
+{{- end }}
+{{- end -}}
+
+{{/* Labels and annotations added to the CRDs, indented for the metadata block. */}}
+{{- define "tidegate.crdMetadata" -}}
+labels:
+{{ include "tidegate.labels" . | indent 4 }}
+{{- if .Values.crds.keep }}
+  annotations:
+    helm.sh/resource-policy: keep
+{{- end }}
+{{- end -}}

@@ -1,0 +1,50 @@
+"""The rendered chart against a real apiserver: `kubectl apply --dry-run=server`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helmlib import NO_HELM, find_helm, template_text
+
+pytestmark = [pytest.mark.kube, pytest.mark.skipif(find_helm() is None, reason=NO_HELM)]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_chart_dry_run_server(control_plane: Any) -> None:
+    ns = "tidegate-system"
+    control_plane.ensure_namespace(ns)
+    # CRDs first (for real), so the custom resources of the chart can be checked too.
+    for path in sorted((ROOT / "crds").glob("*.yaml")):
+        control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    control_plane.kubectl(
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        "-",
+        input=template_text(
+            "crds.install=false", "defaultGateway.create=false", "peering.create=false"
+        ),
+    )
+    control_plane.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/egressgateways.tidegate.io",
+        "crd/clusterkopfpeerings.kopf.dev",
+    )
+    text = template_text(
+        "defaultGateway.spec.mode=Audit",
+        extra=(
+            "--api-versions",
+            "tidegate.io/v1alpha1/EgressGateway",
+            "--api-versions",
+            "kopf.dev/v1/ClusterKopfPeering",
+        ),
+    )
+    proc = control_plane.kubectl("apply", "--dry-run=server", "-f", "-", input=text)
+    assert "deployment.apps/tidegate-operator" in proc.stdout
+    assert "egressgateway.tidegate.io/default" in proc.stdout
