@@ -36,6 +36,10 @@ def test_defaults_render_operator() -> None:
     assert c["image"] == "tidegate:0.1.0"
     assert c["command"] == ["tidegate", "operator"]
     assert "--liveness=http://0.0.0.0:8080/healthz" in c["args"]
+    assert "--metrics-listen=0.0.0.0:9090" in c["args"]
+    assert "--gateway-image=tidegate:0.1.0" in c["args"]
+    assert "--default-gateway=tidegate-system/default" in c["args"]
+    assert "--peering=tidegate" in c["args"]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"healthz": 8080, "metrics": 9090}
