@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
+import ctypes
 import datetime
 import ipaddress
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -86,11 +89,19 @@ def _missing_binaries() -> list[str]:
     return [b for b in BINARIES if not (bdir / b).is_file() or not (bdir / f".{b}.stamp").is_file()]
 
 
-def ensure_binaries() -> Path:
-    """Run build.sh when a binary is missing (its output goes straight to the terminal)."""
+def ensure_binaries(config: pytest.Config | None = None) -> Path:
+    """Run build.sh when a binary is missing, with its progress shown on the terminal
+    (pytest's output capture is suspended for it when ``config`` is given)."""
     if _missing_binaries():
-        print(f"\n[fixtures_kube] building the test control plane: {BUILD_SCRIPT}", file=sys.stderr)
-        rc = subprocess.call(["bash", str(BUILD_SCRIPT)], stdout=sys.stderr)
+        capman = config.pluginmanager.getplugin("capturemanager") if config else None
+        ctx = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
+        with ctx:
+            print(
+                f"\n[fixtures_kube] building the test control plane: {BUILD_SCRIPT}",
+                file=sys.stderr,
+                flush=True,
+            )
+            rc = subprocess.call(["bash", str(BUILD_SCRIPT)], stdout=sys.stderr)
         missing = [b for b in _missing_binaries() if b in REQUIRED_BINARIES]
         if rc != 0 and missing:
             raise RuntimeError(
@@ -119,7 +130,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if _skip_reason() or session.config.option.collectonly:
         return
     if any(item.get_closest_marker("kube") for item in session.items):
-        ensure_binaries()
+        ensure_binaries(session.config)
 
 
 # --------------------------------------------------------------------------- certificates
@@ -285,6 +296,13 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
+def _die_with_parent() -> None:
+    """In the child: have Linux SIGKILL this server if pytest dies without tearing down."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+
+
 @dataclass
 class _Server:
     name: str
@@ -300,6 +318,7 @@ class _Server:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
 
     def alive(self) -> bool:
@@ -729,12 +748,14 @@ def start_control_plane(workdir: Path, bins: Path, *, timeout: float = 90) -> Co
 
 
 @pytest.fixture(scope="session")
-def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+def control_plane(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[ControlPlane]:
     """A real etcd + kube-apiserver (+ controller-manager) for this test session."""
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    bins = ensure_binaries()
+    bins = ensure_binaries(pytestconfig)
     if not shutil.which(str(bins / "kube-apiserver")):
         raise RuntimeError(f"kube-apiserver not found in {bins} after {BUILD_SCRIPT}")
     cp = start_control_plane(tmp_path_factory.mktemp("control-plane"), bins)
