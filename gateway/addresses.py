@@ -9,6 +9,7 @@ is not the one that is reached.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from typing import Generic, TypeVar
@@ -118,6 +119,7 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
+@functools.lru_cache(maxsize=65_536)  # destinations repeat; the walk is ~30 probes
 def classify(ip: IPAddress) -> str | None:
     """Why ``ip`` is not a public destination ("loopback", "private", ...), or None."""
     if isinstance(ip, ipaddress.IPv6Address):

@@ -55,23 +55,28 @@ def _nameserver(text: str) -> dns.nameserver.Do53Nameserver:
 class HostsFile:
     """``/etc/hosts``, re-read when its modification time changes."""
 
-    def __init__(self, path: str = "/etc/hosts") -> None:
+    def __init__(self, path: str = "/etc/hosts", *, check_interval: float = 1.0) -> None:
         self.path = path
+        self.check_interval = check_interval
         self._mtime = -1.0
-        self._table: dict[str, list[IPAddress]] = {}
+        self._checked = -1e9
+        self._table: dict[str, tuple[IPAddress, ...]] = {}
 
-    def lookup(self, name: str) -> list[IPAddress]:
-        try:
-            mtime = os.stat(self.path).st_mtime
-        except OSError:
-            return []
-        if mtime != self._mtime:
-            self._mtime = mtime
-            self._table = self._read()
-        return self._table.get(name, [])
+    def lookup(self, name: str) -> tuple[IPAddress, ...]:
+        now = time.monotonic()
+        if now - self._checked >= self.check_interval:  # one stat a second, not per lookup
+            self._checked = now
+            try:
+                mtime = os.stat(self.path).st_mtime
+            except OSError:
+                mtime = -2.0
+            if mtime != self._mtime:
+                self._mtime = mtime
+                self._table = self._read() if mtime >= 0 else {}
+        return self._table.get(name, ())
 
-    def _read(self) -> dict[str, list[IPAddress]]:
-        table: dict[str, list[IPAddress]] = {}
+    def _read(self) -> dict[str, tuple[IPAddress, ...]]:
+        table: dict[str, tuple[IPAddress, ...]] = {}
         try:
             with open(self.path, encoding="utf-8", errors="replace") as f:
                 lines = f.readlines()
@@ -86,7 +91,8 @@ class HostsFile:
             except ValueError:
                 continue
             for name in fields[1:]:
-                table.setdefault(name.lower().rstrip("."), []).append(address)
+                key = name.lower().rstrip(".")
+                table[key] = (*table.get(key, ()), address)
         return table
 
 
@@ -123,20 +129,29 @@ class Resolver:
     def _clamp(self, ttl: float) -> float:
         return min(max(ttl, self.settings.min_ttl), self.settings.max_ttl)
 
-    async def resolve(self, name: str) -> tuple[IPAddress, ...]:
-        """Addresses for ``name`` (IPv4 first), from cache when fresh."""
+    def cached(self, name: str) -> tuple[IPAddress, ...] | None:
+        """Answer from /etc/hosts or a fresh cache entry without awaiting; None on a miss.
+
+        The proxy calls this first so the common case costs no coroutine or task.
+        """
         if self._hosts is not None:
             local = self._hosts.lookup(name)
             if local:
-                return tuple(local)
-        now = self._clock()
+                return local
         if self.settings.cache_enabled:
             entry = self._cache.get(name)
-            if entry is not None and entry.expires > now:
+            if entry is not None and entry.expires > self._clock():
                 self.hits += 1
                 if entry.error is not None:
                     raise ResolveError(entry.error)
                 return entry.addresses
+        return None
+
+    async def resolve(self, name: str) -> tuple[IPAddress, ...]:
+        """Addresses for ``name`` (IPv4 first), from cache when fresh."""
+        found = self.cached(name)
+        if found is not None:
+            return found
         self.misses += 1
         pending = self._inflight.get(name)
         if pending is not None:  # coalesce concurrent lookups of one name

@@ -28,6 +28,7 @@ Shutdown, in order (``ProxyServer.shutdown``):
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import socket
@@ -214,7 +215,7 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
         host = str(peer[0]).split("%", 1)[0]
         self.peer = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-        self.client_ip = ipaddress.ip_address(host)
+        self.client_ip = _client_address(host)
         transport.set_write_buffer_limits(high=server.limits.write_high_water)
         server.metrics.tunnels_active.inc()
         server.connections.add(self)
@@ -447,11 +448,15 @@ class ClientConnection(asyncio.Protocol):
         else:
             resolver = self.server.state.resolver
             assert resolver is not None
-            hits = resolver.hits
+            metrics = self.server.metrics
             try:
-                candidates = await asyncio.wait_for(
-                    resolver.resolve(host.name), self.server.limits.dns_timeout
-                )
+                found = resolver.cached(host.name)
+                if found is None:
+                    metrics.dns_cache_misses.inc()
+                    async with asyncio.timeout(self.server.limits.dns_timeout):
+                        found = await resolver.resolve(host.name)
+                else:
+                    metrics.dns_cache_hits.inc()
             except TimeoutError:
                 self.respond(504, "dns_timeout", f"DNS lookup of {host.name} timed out")
                 return None
@@ -459,10 +464,7 @@ class ClientConnection(asyncio.Protocol):
                 status = 504 if exc.timeout else 502
                 self.respond(status, "dns_error", str(exc))
                 return None
-            if resolver.hits > hits:
-                self.server.metrics.dns_cache_hits.inc()
-            else:
-                self.server.metrics.dns_cache_misses.inc()
+            candidates = found
         allowed = []
         blocked = ""
         for address in candidates:
@@ -494,12 +496,10 @@ class ClientConnection(asyncio.Protocol):
             started = time.monotonic()
             family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
             try:
-                _, upstream = await asyncio.wait_for(
-                    loop.create_connection(
+                async with asyncio.timeout(remaining):  # no extra task, unlike wait_for
+                    _, upstream = await loop.create_connection(
                         lambda: UpstreamConnection(self), str(address), port, family=family
-                    ),
-                    remaining,
-                )
+                    )
             except TimeoutError:
                 timed_out, last_error = True, f"connect to {_hostport(address, port)} timed out"
                 continue
@@ -650,6 +650,11 @@ class ClientConnection(asyncio.Protocol):
             metrics.bytes_down.inc(self.bytes_down)
         self.server.access_log.write(record)
         self.buffer = bytearray()
+
+
+@functools.lru_cache(maxsize=4096)  # clients are few, connections many
+def _client_address(text: str) -> IPAddress:
+    return ipaddress.ip_address(text)
 
 
 def _has_port(authority: str) -> bool:
