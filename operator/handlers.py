@@ -164,7 +164,7 @@ def _ref_key(spec: Any, namespace: str | None, default_gateway: str) -> str:
 @kopf.on.resume(GROUP, VERSION, POLICIES)
 @kopf.on.create(GROUP, VERSION, POLICIES)
 @kopf.on.update(GROUP, VERSION, POLICIES)
-def policy_changed(
+async def policy_changed(
     body: kopf.Body, old: Any, namespace: str | None, memo: Any, logger: Any, **kwargs: Any
 ) -> None:
     started = time.monotonic()
@@ -183,7 +183,7 @@ def policy_changed(
 
 
 @kopf.on.event(GROUP, VERSION, POLICIES)
-def policy_event(
+async def policy_event(
     type: str, body: kopf.Body, namespace: str | None, memo: Any, **kwargs: Any
 ) -> None:
     if type != "DELETED":
@@ -201,12 +201,14 @@ def policy_event(
 @kopf.on.resume(GROUP, VERSION, GATEWAYS)
 @kopf.on.create(GROUP, VERSION, GATEWAYS)
 @kopf.on.update(GROUP, VERSION, GATEWAYS)
-def gateway_changed(namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
+async def gateway_changed(namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
     _runtime(memo).attach(kwargs).request(f"{namespace or ''}/{name}")
 
 
 @kopf.on.event(GROUP, VERSION, GATEWAYS)
-def gateway_event(type: str, namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
+async def gateway_event(
+    type: str, namespace: str | None, name: str, memo: Any, **kwargs: Any
+) -> None:
     if type == "DELETED":  # its policies now point at nothing
         _runtime(memo).attach(kwargs).request(f"{namespace or ''}/{name}")
 
@@ -221,17 +223,23 @@ def _owned_changed(labels: kopf.Labels, namespace: str | None, memo: Any, kwargs
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=OWNED)
-def deployment_event(labels: kopf.Labels, namespace: str | None, memo: Any, **kwargs: Any) -> None:
+async def deployment_event(
+    labels: kopf.Labels, namespace: str | None, memo: Any, **kwargs: Any
+) -> None:
     _owned_changed(labels, namespace, memo, kwargs)
 
 
 @kopf.on.event("", "v1", "services", labels=OWNED)
-def service_event(labels: kopf.Labels, namespace: str | None, memo: Any, **kwargs: Any) -> None:
+async def service_event(
+    labels: kopf.Labels, namespace: str | None, memo: Any, **kwargs: Any
+) -> None:
     _owned_changed(labels, namespace, memo, kwargs)
 
 
 @kopf.on.event("", "v1", "configmaps", labels=OWNED)
-def configmap_event(labels: kopf.Labels, namespace: str | None, memo: Any, **kwargs: Any) -> None:
+async def configmap_event(
+    labels: kopf.Labels, namespace: str | None, memo: Any, **kwargs: Any
+) -> None:
     _owned_changed(labels, namespace, memo, kwargs)
 
 
@@ -244,7 +252,7 @@ def _uses_selector(body: Mapping[str, Any]) -> bool:
 
 
 @kopf.on.event("", "v1", "namespaces")
-def namespace_event(type: str | None, memo: Any, **kwargs: Any) -> None:
+async def namespace_event(type: str | None, memo: Any, **kwargs: Any) -> None:
     if type is None:  # the initial listing: the gateways' own resume handlers cover it
         return
     _runtime(memo).attach(kwargs).request_all(_uses_selector)

@@ -294,7 +294,8 @@ class Reconciler:
         entries = list(self.views.policies.get(names.key, ()))
         labels = self.views.namespace_labels()
         for attempt in range(CONFLICT_RETRIES):
-            stored = read_stored(await self.client.get(path))
+            live = await self.client.get(path)
+            stored = read_stored(live)
             needs_last_good = any(e.policy is None for e in entries)
             binding = bind(
                 gateway,
@@ -320,6 +321,7 @@ class Reconciler:
                     await self.client.create(obj)
                 else:
                     obj["metadata"]["resourceVersion"] = stored.resource_version
+                    _keep_foreign_metadata(obj, live or {})
                     await self.client.replace(obj)
             except ApiError as exc:
                 if exc.status == 409 and attempt + 1 < CONFLICT_RETRIES:
@@ -468,6 +470,15 @@ class Reconciler:
                 )
 
         await asyncio.gather(*(one(v) for v in verdicts))
+
+
+def _keep_foreign_metadata(obj: dict[str, Any], live: Mapping[str, Any]) -> None:
+    """A PUT replaces the whole object: keep labels and annotations others added."""
+    live_meta = live.get("metadata") or {}
+    for key in ("labels", "annotations"):
+        merged = {**(live_meta.get(key) or {}), **(obj["metadata"].get(key) or {})}
+        if merged:
+            obj["metadata"][key] = merged
 
 
 __all__ = ["Reconciler", "Settings", "Views", "policy_status"]

@@ -1,0 +1,188 @@
+"""Helpers for the operator's tests against the real kube-apiserver: run the operator as
+a subprocess with the Helm chart's ClusterRole, read objects, wait for conditions."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from fixtures_kube import ControlPlane
+
+REPO = Path(__file__).resolve().parents[2]
+TIDEGATE = Path(sys.executable).parent / "tidegate"
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def chart_cluster_role(cp: ControlPlane) -> list[dict[str, Any]]:
+    """The operator's ClusterRole exactly as the Helm chart renders it (bindings dropped)."""
+    out = cp.helm(
+        "template", "tidegate", str(REPO / "charts" / "tidegate"), "-n", "tidegate-system"
+    ).stdout
+    roles = [
+        d
+        for d in yaml.safe_load_all(out)
+        if d and d.get("kind") == "ClusterRole" and d["metadata"]["name"].endswith("-operator")
+    ]
+    assert roles, "the chart renders no operator ClusterRole"
+    for role in roles:
+        role["metadata"]["name"] = "tidegate-operator-under-test"
+    return roles
+
+
+def operator_kubeconfig(cp: ControlPlane) -> Path:
+    return cp.serviceaccount_kubeconfig(
+        "tidegate-system", "tidegate-operator-under-test", chart_cluster_role(cp)
+    )
+
+
+def _fill_defaults(schema: dict[str, Any]) -> None:
+    """Make an object's ``default: {}`` carry its fields' defaults (CEL rules see them)."""
+    for sub in (schema.get("properties") or {}).values():
+        _fill_defaults(sub)
+    if schema.get("default") == {} and schema.get("properties"):
+        schema["default"] = {
+            k: v["default"] for k, v in schema["properties"].items() if "default" in v
+        }
+
+
+def install_crds(cp: ControlPlane) -> None:
+    docs = []
+    for path in sorted((REPO / "crds").glob("*.yaml")):
+        for crd in yaml.safe_load_all(path.read_text()):
+            if not crd:
+                continue
+            for version in crd["spec"]["versions"]:
+                props = version["schema"]["openAPIV3Schema"].get("properties", {})
+                # The API server forbids anything but type on the root metadata schema.
+                if "metadata" in props:
+                    props["metadata"] = {"type": "object"}
+                _fill_defaults(version["schema"]["openAPIV3Schema"])
+            docs.append(crd)
+    cp.apply(docs)
+    for crd in ("egresspolicies.tidegate.io", "egressgateways.tidegate.io"):
+        cp.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+
+
+class OperatorProcess:
+    def __init__(self, cp: ControlPlane, kubeconfig: Path, log: Path, *extra: str) -> None:
+        self.cp = cp
+        self.kubeconfig = kubeconfig
+        self.log = log
+        self.extra = extra
+        self.metrics_port = free_port()
+        self.liveness_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        argv = [
+            str(TIDEGATE),
+            "operator",
+            "--standalone",
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--liveness",
+            f"http://127.0.0.1:{self.liveness_port}/healthz",
+            "--metrics-listen",
+            f"127.0.0.1:{self.metrics_port}",
+            "--resync-seconds",
+            "5",
+            *self.extra,
+        ]
+        env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def get(
+    cp: ControlPlane, kind: str, name: str, namespace: str | None = None
+) -> dict[str, Any] | None:
+    args = ["get", kind, name, "-o", "json"]
+    if namespace:
+        args += ["-n", namespace]
+    proc = cp.kubectl(*args, check=False)
+    if proc.returncode != 0:
+        if "NotFound" in proc.stderr or "not found" in proc.stderr:
+            return None
+        raise AssertionError(proc.stderr)
+    return dict(json.loads(proc.stdout))
+
+
+def items(cp: ControlPlane, kind: str, namespace: str, *selector: str) -> list[dict[str, Any]]:
+    args = ["get", kind, "-n", namespace, "-o", "json", *selector]
+    return list(json.loads(cp.kubectl(*args).stdout)["items"])
+
+
+def ready(obj: dict[str, Any] | None) -> dict[str, Any]:
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Ready":
+            return dict(cond)
+    return {}
+
+
+def wait_for(
+    what: str,
+    probe: Callable[[], T | None],
+    *,
+    timeout: float = 30,
+    op: OperatorProcess | None = None,
+) -> T:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        if op is not None and not op.alive():
+            raise AssertionError(f"operator exited while waiting for {what}\n{op.tail()}")
+        time.sleep(0.25)
+    log = op.tail() if op is not None else ""
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})\n{log}")
+
+
+def events_for(cp: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
+    out = cp.kubectl(
+        "get",
+        "events",
+        "-n",
+        namespace,
+        "-o",
+        "json",
+        f"--field-selector=involvedObject.name={name}",
+    ).stdout
+    return list(json.loads(out)["items"])
