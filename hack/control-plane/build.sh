@@ -20,7 +20,7 @@
 #
 # Usage: hack/control-plane/build.sh [binary...]   (default: all five)
 # Env:   TIDEGATE_CP_CACHE  cache root;  TIDEGATE_CP_JOBS  go build -p (default 2)
-set -euo pipefail
+set -Eeuo pipefail # -E: the ERR trap also fires inside functions
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
@@ -38,11 +38,14 @@ JOBS="${TIDEGATE_CP_JOBS:-2}"
 export GOFLAGS="-mod=mod -buildvcs=false"
 export CGO_ENABLED=0
 GO_BUILD_FLAGS=(-p "$JOBS" -trimpath)
+# Bump when the way a binary is built changes (e.g. its -ldflags): stamps then mismatch.
+RECIPE=2
 
 STEP="setup"
 log() { printf '[control-plane %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 on_error() {
     local rc=$?
+    (( BASH_SUBSHELL == 0 )) || exit "$rc" # report once, from the main shell
     log "FAILED at step: $STEP (exit $rc)"
     if [[ -n "${CURRENT_LOG:-}" && -f "$CURRENT_LOG" ]]; then
         log "last lines of $CURRENT_LOG:"
@@ -57,7 +60,9 @@ mkdir -p "$BIN" "$SRC" "$LOGS"
 GO_VERSION="$(go env GOVERSION)"
 
 gomod_of() { # module@version -> path of its go.mod in the module cache
-    go mod download -json "$1" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p'
+    local out
+    out="$(go mod download -json "$1" 2>&1)" || { printf '%s\n' "$out" >&2; return 1; }
+    sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p' <<<"$out"
 }
 
 ldflags_for() { # binary -> -ldflags value: stripped, with the version stamps release builds set
@@ -75,9 +80,11 @@ ldflags_for() { # binary -> -ldflags value: stripped, with the version stamps re
         helm)
             # Like helm's Makefile: the default Kubernetes version of `helm template` is the
             # one of the client-go it is built with (k8s.io/client-go v0.Y.Z -> 1.Y).
-            local cg
-            cg="$(sed -n 's#^[[:space:]]*k8s\.io/client-go v0\.\([0-9]*\)\..*#\1#p' "$(gomod_of "helm.sh/helm/v3@$HELM_VERSION")" | head -n1)"
-            [[ -n "$cg" ]] || { log "FAILED at step: helm ldflags (no k8s.io/client-go in helm's go.mod)"; exit 1; }
+            local gomod cg
+            gomod="$(gomod_of "helm.sh/helm/v3@$HELM_VERSION")"
+            [[ -f "$gomod" ]] || { log "no go.mod for helm.sh/helm/v3@$HELM_VERSION"; exit 1; }
+            cg="$(sed -n 's#^[[:space:]]*k8s\.io/client-go v0\.\([0-9]*\)\..*#\1#p' "$gomod" | head -n1)"
+            [[ -n "$cg" ]] || { log "no k8s.io/client-go requirement in $gomod"; exit 1; }
             printf '%s' "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
             local p
             for p in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
@@ -95,7 +102,7 @@ stamp_for() { # binary -> the text its stamp file must hold
         helm) mod="helm.sh/helm/v3@$HELM_VERSION" ;;
         *) log "unknown binary: $name"; exit 2 ;;
     esac
-    printf '%s %s %s -ldflags=%s\n' "$mod" "$GO_VERSION" "${GO_BUILD_FLAGS[*]}" "$(ldflags_for "$name")"
+    printf '%s %s %s recipe=%s\n' "$mod" "$GO_VERSION" "${GO_BUILD_FLAGS[*]}" "$RECIPE"
 }
 
 is_fresh() { # binary -> 0 if cached and stamp matches
@@ -162,12 +169,14 @@ build_one() { # binary
             dir="$SRC/helm"; pkg="helm.sh/helm/v3/cmd/helm"
             write_wrapper "$dir" "helm.sh/helm/v3 $HELM_VERSION" ;;
     esac
+    STEP="compute -ldflags for $name"
+    local started=$SECONDS ldflags
+    ldflags="$(ldflags_for "$name")"
     STEP="build $name ($pkg)"
     CURRENT_LOG="$LOGS/$name.log"
     log "$STEP -> $BIN/$name (log: $CURRENT_LOG)"
-    local started=$SECONDS
     # Progress: go build is silent for minutes, so echo a heartbeat while it runs.
-    (cd "$dir" && go build "${GO_BUILD_FLAGS[@]}" -ldflags "$(ldflags_for "$name")" -o "$BIN/$name.tmp" "$pkg") >"$CURRENT_LOG" 2>&1 &
+    (cd "$dir" && go build "${GO_BUILD_FLAGS[@]}" -ldflags "$ldflags" -o "$BIN/$name.tmp" "$pkg") >"$CURRENT_LOG" 2>&1 &
     local pid=$!
     local next=$(( SECONDS + 30 ))
     while kill -0 "$pid" 2>/dev/null; do
