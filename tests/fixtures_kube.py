@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
+import copy
 import ctypes
 import datetime
 import ipaddress
@@ -119,18 +120,27 @@ def _skip_reason() -> str | None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     reason = _skip_reason()
-    if reason:
-        for item in items:
-            if item.get_closest_marker("kube"):
-                item.add_marker(pytest.mark.skip(reason=reason))
+    for item in items:
+        if "control_plane" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kube)
+        if reason and item.get_closest_marker("kube"):
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+_build_error: str | None = None
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     # Build before the first test runs, so a cold build is not cut by the per-test timeout.
+    # A failure is reported by the fixture, i.e. by each kube test, not as a pytest crash.
+    global _build_error
     if _skip_reason() or session.config.option.collectonly:
         return
     if any(item.get_closest_marker("kube") for item in session.items):
-        ensure_binaries(session.config)
+        try:
+            ensure_binaries(session.config)
+        except RuntimeError as exc:
+            _build_error = str(exc)
 
 
 # --------------------------------------------------------------------------- certificates
@@ -356,7 +366,7 @@ def _load_docs(manifests: Iterable[Mapping[str, Any] | str | Path]) -> list[dict
     docs: list[dict[str, Any]] = []
     for m in manifests:
         if isinstance(m, Mapping):
-            docs.append(dict(m))
+            docs.append(copy.deepcopy(dict(m)))
             continue
         text = m.read_text() if isinstance(m, Path) else m
         for doc in yaml.safe_load_all(text):
@@ -524,6 +534,10 @@ class ControlPlane:
         """
         docs = [d for d in _load_docs(role_manifests) if d.get("kind") in RBAC_KINDS]
         self.ensure_namespace(namespace)
+        for d in docs:  # namespaced kinds default to ``namespace``, as kubectl -n would
+            meta = d.setdefault("metadata", {})
+            if d["kind"] in ("Role", "RoleBinding"):
+                meta.setdefault("namespace", namespace)
         bound = {
             (d["roleRef"]["kind"], d["roleRef"]["name"], d.get("metadata", {}).get("namespace"))
             for d in docs
@@ -533,9 +547,8 @@ class ControlPlane:
         subject = {"kind": "ServiceAccount", "name": name, "namespace": namespace}
         extra: list[dict[str, Any]] = []
         for d in docs:
-            meta = d.setdefault("metadata", {})
+            meta = d["metadata"]
             if d["kind"] == "Role":
-                meta.setdefault("namespace", namespace)
                 if ("Role", meta["name"], meta["namespace"]) not in bound:
                     extra.append(
                         {
@@ -567,8 +580,6 @@ class ControlPlane:
                         "subjects": [subject],
                     }
                 )
-            elif d["kind"] == "RoleBinding":
-                meta.setdefault("namespace", namespace)
         self.apply(docs + extra)
         return self.token_for(name, namespace)
 
@@ -755,6 +766,8 @@ def control_plane(
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
+    if _build_error:
+        raise RuntimeError(_build_error)
     bins = ensure_binaries(pytestconfig)
     if not shutil.which(str(bins / "kube-apiserver")):
         raise RuntimeError(f"kube-apiserver not found in {bins} after {BUILD_SCRIPT}")

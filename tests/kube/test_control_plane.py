@@ -251,6 +251,36 @@ metadata: {{name: ignored-by-the-helper}}
     assert json.loads(who)["status"]["userInfo"]["username"] == f"system:serviceaccount:{ns}:reader"
 
 
+def test_chart_style_rbac_bindings_are_applied_as_given(control_plane: ControlPlane) -> None:
+    # What `helm template` of a chart gives: a ClusterRole and its own binding to the SA.
+    rendered = """
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: cptest-ns-watcher}
+rules:
+  - {apiGroups: [""], resources: ["namespaces"], verbs: ["get", "list", "watch"]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: cptest-ns-watcher}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: cptest-ns-watcher}
+subjects: [{kind: ServiceAccount, name: op, namespace: cptest-chart}]
+"""
+    kubeconfig = control_plane.serviceaccount_kubeconfig("cptest-chart", "op", [rendered])
+
+    def can_i(*args: str) -> str:
+        proc = control_plane.kubectl("auth", "can-i", *args, kubeconfig=kubeconfig, check=False)
+        return proc.stdout.strip()
+
+    assert can_i("list", "namespaces") == "yes"
+    assert can_i("list", "secrets", "-A") == "no"
+    # No extra binding was invented for a role the given binding already covers.
+    names = control_plane.kubectl("get", "clusterrolebindings", "-o", "name").stdout.split()
+    assert [n for n in names if "cptest-ns-watcher" in n] == [
+        "clusterrolebinding.rbac.authorization.k8s.io/cptest-ns-watcher"
+    ]
+
+
 def test_helm_template_applies_with_server_dry_run(
     control_plane: ControlPlane, tmp_path: Path
 ) -> None:
