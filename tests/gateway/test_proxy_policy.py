@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import ssl
 import subprocess
+import time
 
 import httpx
 import pytest
@@ -348,3 +350,103 @@ def test_sources_scope_a_policy_to_some_clients(gateway_factory: GatewayFactory,
     assert connect(gw, "allowed.test:443").status == 200
     reply = connect(gw, "other.test:443")
     assert (reply.status, reply.reason) == (403, "no_rule_matched")
+
+
+# --- SNI: the ClientHello as a fronting client would send it ------------------------------------
+
+
+def _hello_client(net: Net, name: str) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, bytes]:
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = net.ssl_context().wrap_bio(incoming, outgoing, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return obj, incoming, outgoing, outgoing.read()
+
+
+def _finish_over(
+    sock: socket.socket, obj: ssl.SSLObject, inc: ssl.MemoryBIO, out: ssl.MemoryBIO
+) -> bytes:
+    """Complete the handshake, send a GET, return the decrypted response (bounded)."""
+    sock.settimeout(5)
+    for _ in range(50):
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(out.read())
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed during the handshake") from None
+            inc.write(data)
+    obj.write(b"GET /fragmented HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.sendall(out.read())
+    response = b""
+    for _ in range(50):
+        data = sock.recv(65536)
+        if not data:
+            break
+        inc.write(data)
+        for _ in range(100):  # drain what is decrypted so far, up to the close_notify
+            try:
+                chunk = obj.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                return response
+            if not chunk:
+                return response
+            response += chunk
+    return response
+
+
+def _fragment(record: bytes, at: int) -> bytes:
+    """Split one TLS handshake record into two records at payload offset ``at``."""
+    assert record[0] == 22
+    header, payload = record[:3], record[5:]
+    first, second = payload[:at], payload[at:]
+    return (
+        header
+        + len(first).to_bytes(2, "big")
+        + first
+        + header
+        + len(second).to_bytes(2, "big")
+        + second
+    )
+
+
+@pytest.mark.parametrize("how", ["trickled", "two_records"])
+def test_sni_check_reassembles_the_client_hello(
+    shared_gateway: GatewayProcess, net: Net, how: str
+) -> None:
+    if net.tls_port != 443:
+        pytest.skip("cannot bind port 443 on a loopback address (needs root)")
+    for name, ok in (("allowed.test", True), ("other.test", False)):
+        obj, inc, out, hello = _hello_client(net, name)
+        data = _fragment(hello, 40) if how == "two_records" else hello
+        reply = connect(shared_gateway, "allowed.test:443")
+        assert reply.status == 200
+        if how == "trickled":
+            for i in range(0, len(data), 64):
+                reply.sock.sendall(data[i : i + 64])
+                time.sleep(0.002)
+        else:
+            reply.sock.sendall(data)
+        if ok:
+            response = _finish_over(reply.sock, obj, inc, out)
+            assert response.startswith(b"HTTP/1.1 200 OK")
+            assert b'"path": "/fragmented"' in response
+        else:
+            assert recv_until_eof(reply.sock) == b""
+        reply.sock.close()
+
+
+def test_client_hello_must_arrive_in_time(gateway_factory: GatewayFactory, net: Net) -> None:
+    gw = gateway_factory(extra_args=["--tls-hello-timeout", "0.5"])
+    reply = connect(gw, "allowed.test:443")
+    assert reply.status == 200
+    started = time.monotonic()
+    reply.sock.sendall(b"\x16\x03\x01")  # the start of a record, never the rest
+    assert recv_until_eof(reply.sock) == b""
+    assert time.monotonic() - started < 2.5
+    line = gw.wait_log(lambda r: r.get("reason") == "tls_hello_timeout")
+    assert line["decision"] == "deny"
