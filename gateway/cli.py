@@ -54,11 +54,14 @@ def configure_logging(level: str) -> None:
 
 def add_gateway_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("gateway", help="run the proxy")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--policies", type=Path, help="folder of EgressPolicy/EgressGateway YAML")
     src.add_argument("--bundle", type=Path, help="compiled bundle file (mounted ConfigMap)")
     p.add_argument(
         "--configmap", type=_namespaced, help="NAMESPACE/NAME: watch the bundle via the API too"
+    )
+    p.add_argument(
+        "--kubeconfig", type=Path, help="with --configmap: API access (default: in-cluster)"
     )
     p.add_argument("--listen", type=_hostport, default=("0.0.0.0", 3128))
     p.add_argument("--metrics-listen", type=_hostport, default=("0.0.0.0", 9090))
@@ -82,6 +85,9 @@ def add_gateway_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 def run_gateway_command(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
+    if args.policies is None and args.bundle is None and args.configmap is None:
+        print("error: give --policies DIR, --bundle FILE or --configmap NS/NAME", file=sys.stderr)
+        return 2
     limits = Limits(**{name: getattr(args, name) for name in Limits.__dataclass_fields__})
     if args.access_log == "off":
         stream = None
@@ -95,6 +101,7 @@ def run_gateway_command(args: argparse.Namespace) -> int:
         policies=args.policies,
         bundle=args.bundle,
         configmap=args.configmap,
+        kubeconfig=args.kubeconfig,
         reload_interval=args.reload_interval,
         limits=limits,
         access_log=stream,

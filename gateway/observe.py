@@ -26,7 +26,6 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.utils import floatToGoString
 
 FLUSH_INTERVAL = 0.2
 FLUSH_LINES = 256
@@ -120,7 +119,7 @@ class Metrics:
         self.bundle_reloads = Labelled("result")
         self.rejected = Labelled("reason")
         self.registry = registry or CollectorRegistry(auto_describe=False)
-        self.registry.register(self)  # type: ignore[arg-type]
+        self.registry.register(self)
 
     def count_request(self, decision: str, policy: str, reason: str) -> None:
         requests = self.requests.children
@@ -150,7 +149,7 @@ class Metrics:
         cumulative, buckets = 0, []
         for bound, count in zip((*h.buckets, float("inf")), h.counts, strict=True):
             cumulative += count
-            buckets.append((floatToGoString(bound), cumulative))
+            buckets.append((_go_float(bound), cumulative))
         histogram = HistogramMetricFamily(
             "tidegate_upstream_connect_seconds", _HELP["tidegate_upstream_connect_seconds"]
         )
@@ -172,6 +171,11 @@ class Metrics:
             yield gauge
         yield from _labelled_counter("tidegate_bundle_reloads", self.bundle_reloads)
         yield from _labelled_counter("tidegate_connections_rejected", self.rejected)
+
+
+def _go_float(value: float) -> str:
+    """Bucket bounds as Prometheus writes them ("+Inf", "0.005", "1.0")."""
+    return "+Inf" if value == float("inf") else repr(float(value))
 
 
 def _labelled_counter(name: str, family: Labelled) -> Iterator[Metric]:

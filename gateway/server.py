@@ -18,6 +18,7 @@ from typing import IO
 from aiohttp import web
 
 from .admin import make_admin_app
+from .kubeaccess import from_kubeconfig, in_cluster
 from .observe import AccessLog, Metrics
 from .proxy import ProxyServer
 from .settings import Limits
@@ -34,6 +35,7 @@ class GatewayOptions:
     policies: Path | None = None
     bundle: Path | None = None
     configmap: tuple[str, str] | None = None
+    kubeconfig: Path | None = None
     reload_interval: float = 1.0
     limits: Limits = field(default_factory=Limits)
     access_log: IO[str] | None = sys.stdout
@@ -55,7 +57,9 @@ async def run_gateway(options: GatewayOptions) -> int:
         tasks.append(asyncio.create_task(file_source.run()))
     if options.configmap is not None:
         namespace, name = options.configmap
-        tasks.append(asyncio.create_task(ConfigMapSource(namespace, name, state).run()))
+        access = from_kubeconfig(options.kubeconfig) if options.kubeconfig else in_cluster()
+        source = ConfigMapSource(namespace, name, state, access=access)
+        tasks.append(asyncio.create_task(source.run()))
     if state.engine is None:
         log.warning("no valid policy bundle yet: answering 503 until one loads")
 

@@ -20,7 +20,6 @@ import asyncio
 import base64
 import json
 import logging
-import os
 import ssl
 from pathlib import Path
 
@@ -28,12 +27,11 @@ import aiohttp
 
 from .bundle import Bundle, compile_bundle, load_bundle
 from .documents import Documents, PolicyError, merge_documents, parse_documents
+from .kubeaccess import KubeAccess
 from .model import Gateway
 from .state import GatewayState
 
 log = logging.getLogger("tidegate.gateway.sources")
-
-_SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
 def read_policy_dir(directory: Path) -> Documents:
@@ -157,35 +155,22 @@ class ConfigMapSource:
         name: str,
         state: GatewayState,
         *,
-        server: str | None = None,
-        token_path: Path = _SA_DIR / "token",
-        ca_path: Path | None = _SA_DIR / "ca.crt",
+        access: KubeAccess,
         retry_interval: float = 1.0,
     ) -> None:
         self.namespace = namespace
         self.name = name
         self.state = state
-        if server is None:
-            host = os.environ.get("KUBERNETES_SERVICE_HOST", "")
-            port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-            host = f"[{host}]" if ":" in host else host
-            server = f"https://{host}:{port}"
-        self.server = server.rstrip("/")
-        self.token_path = token_path
-        self.ca_path = ca_path
+        self.access = access
+        self.server = access.server
         self.retry_interval = retry_interval
         self.connected = False
 
     def _ssl(self) -> ssl.SSLContext:
-        context = ssl.create_default_context()
-        if self.ca_path is not None and self.ca_path.exists():
-            context = ssl.create_default_context(cafile=str(self.ca_path))
-        return context
+        return self.access.ssl_context()
 
     def _headers(self) -> dict[str, str]:
-        # Re-read every time: projected tokens rotate.
-        token = self.token_path.read_text().strip()
-        return {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        return self.access.headers()  # re-reads the token file: projected tokens rotate
 
     async def _apply(self, obj: dict[str, object]) -> None:
         source = f"configmap {self.namespace}/{self.name}"
