@@ -189,6 +189,7 @@ class ConfigMapSource:
         url = f"{self.server}/api/v1/namespaces/{self.namespace}/configmaps"
         selector = f"metadata.name={self.name}"
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=330)
+        delay = self.retry_interval
         while True:
             try:
                 async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -229,9 +230,14 @@ class ConfigMapSource:
             except Exception as exc:
                 self.connected = False
                 log.warning(
-                    "watching configmap %s/%s failed (%s); the last good bundle stays in force",
+                    "watching configmap %s/%s failed (%s); the last good bundle stays in force;"
+                    " retrying in %.0fs",
                     self.namespace,
                     self.name,
                     exc,
+                    delay,
                 )
-                await asyncio.sleep(self.retry_interval)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)  # back off while the API server is away
+                continue
+            delay = self.retry_interval
