@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -63,23 +64,32 @@ def add_gateway_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument(
         "--kubeconfig", type=Path, help="with --configmap: API access (default: in-cluster)"
     )
-    p.add_argument("--listen", type=_hostport, default=("0.0.0.0", 3128))
-    p.add_argument("--metrics-listen", type=_hostport, default=("0.0.0.0", 9090))
+    p.add_argument(
+        "--listen",
+        type=_hostport,
+        default=("0.0.0.0", 3128),
+        help="HOST:PORT of the proxy (default 0.0.0.0:3128)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        type=_hostport,
+        default=("0.0.0.0", 9090),
+        help="HOST:PORT of /metrics, /healthz, /readyz (default 0.0.0.0:9090)",
+    )
     p.add_argument("--no-metrics", action="store_true", help="do not open the admin port")
     p.add_argument("--reload-interval", type=float, default=1.0, help="seconds between checks")
     p.add_argument(
         "--access-log", default="-", help="file for JSON access lines; - stdout, 'off' to disable"
     )
-    p.add_argument("--log-level", default="info")
-    defaults = Limits()
-    for name in Limits.__dataclass_fields__:
-        value = getattr(defaults, name)
-        p.add_argument(
-            "--" + name.replace("_", "-"),
-            type=type(value),
-            default=value,
+    p.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    limits = p.add_argument_group("limits and timeouts")
+    for spec in dataclasses.fields(Limits):
+        limits.add_argument(
+            "--" + spec.name.replace("_", "-"),
+            type=type(spec.default),
+            default=spec.default,
             metavar="N",
-            help=f"limit (default {value})",
+            help=f"{spec.metadata['help']} (default {spec.default})",
         )
 
 

@@ -1,29 +1,44 @@
 """Every limit and timeout of the proxy, each a named setting with a default a busy
-production gateway can live with. The CLI exposes them as flags; tests shrink them.
+production gateway can live with. The CLI turns each into a flag (``--header-timeout``...)
+with the help text below; tests shrink them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+def _limit(default: float, help: str) -> object:
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    # Request head: beyond these the client gets 431 (too big) or 408 (too slow).
-    max_header_bytes: int = 16 * 1024
-    max_headers: int = 100
-    header_timeout: float = 10.0  # slowloris guard: the whole head must arrive in this time
-    # Upstream side.
-    dns_timeout: float = 5.0
-    connect_timeout: float = 10.0  # per address tried; the overall budget is 2x this
-    # Tunnels.
-    idle_timeout: float = 300.0  # no byte either way for this long closes the tunnel
-    tls_hello_timeout: float = 10.0  # SNI check: the ClientHello must arrive in this time
-    max_client_hello_bytes: int = 16 * 1024 + 5
-    max_connections: int = 10_000  # open client connections; beyond: 503 and close
-    # Shutdown: after SIGTERM, open tunnels get this long to finish before they are cut.
-    shutdown_grace: float = 30.0
-    # Transport write buffer high-water mark: past it the other side stops reading.
-    write_high_water: int = 256 * 1024
-    # How often the sweeper checks idle and header deadlines (their granularity).
-    sweep_interval: float = 1.0
+    max_header_bytes: int = _limit(16 * 1024, "request head size; beyond it: 431")  # type: ignore[assignment]
+    max_headers: int = _limit(100, "header fields per request; beyond it: 431")  # type: ignore[assignment]
+    header_timeout: float = _limit(
+        10.0, "seconds for the whole request head to arrive (slowloris guard); then 408"
+    )  # type: ignore[assignment]
+    dns_timeout: float = _limit(5.0, "seconds for a DNS answer; then 504")  # type: ignore[assignment]
+    connect_timeout: float = _limit(
+        10.0, "seconds per upstream address tried (2x overall); then 504"
+    )  # type: ignore[assignment]
+    idle_timeout: float = _limit(
+        300.0, "seconds without a byte either way before a tunnel is closed"
+    )  # type: ignore[assignment]
+    tls_hello_timeout: float = _limit(
+        10.0, "seconds for the TLS ClientHello when the SNI check applies"
+    )  # type: ignore[assignment]
+    max_client_hello_bytes: int = _limit(
+        16 * 1024 + 5, "largest ClientHello the SNI check will buffer"
+    )  # type: ignore[assignment]
+    max_connections: int = _limit(10_000, "open client connections; beyond it new ones get 503")  # type: ignore[assignment]
+    shutdown_grace: float = _limit(
+        30.0, "seconds open tunnels may finish after SIGTERM before they are cut"
+    )  # type: ignore[assignment]
+    write_high_water: int = _limit(
+        256 * 1024, "bytes buffered towards one side before the other side stops reading"
+    )  # type: ignore[assignment]
+    sweep_interval: float = _limit(
+        1.0, "seconds between checks of idle and header deadlines (their granularity)"
+    )  # type: ignore[assignment]
