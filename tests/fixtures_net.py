@@ -41,8 +41,8 @@ from typing import Any
 import pytest
 import trustme
 import yaml
-from dnslib import AAAA, QTYPE, RCODE, RR, A
-from dnslib.server import BaseResolver, DNSLogger, DNSServer
+from dnslib import AAAA, QTYPE, RCODE, RR, A, DNSRecord
+from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -162,11 +162,12 @@ class DnsServer:
         self._answers: dict[str, Answers | AnswerHook] = {}
         self._counts: Counter[tuple[str, str]] = Counter()
         self.errors: list[str] = []
+        self.tcp_queries = 0
         self._servers: list[DNSServer] = []
         logger = DNSLogger(log="-recv,-send,-request,-reply,-truncated,-data", logf=lambda s: None)
         resolver = _Resolver(self)
         for _ in range(50):
-            udp = DNSServer(resolver, address="127.0.0.1", port=0, logger=logger)
+            udp = DNSServer(resolver, address="127.0.0.1", port=0, logger=logger, handler=_Handler)
             port = udp.server.server_address[1]
             try:
                 tcp = DNSServer(resolver, address="127.0.0.1", port=port, tcp=True, logger=logger)
@@ -217,6 +218,22 @@ class DnsServer:
             server.server.server_close()
 
 
+class _Handler(DNSHandler):  # type: ignore[misc]
+    """Like a real server, a UDP answer over 512 bytes is cut to the question with TC set,
+    so the client retries over TCP (dnslib's own truncation drops the question, which a
+    client rightly ignores as an unrelated packet)."""
+
+    def get_reply(self, data: bytes) -> bytes:
+        request = DNSRecord.parse(data)
+        reply = self.server.resolver.resolve(request, self)
+        packed: bytes = reply.pack()
+        if self.protocol == "udp" and len(packed) > 512:
+            cut = request.reply()
+            cut.header.tc = 1
+            packed = cut.pack()
+        return packed
+
+
 class _Resolver(BaseResolver):  # type: ignore[misc]
     def __init__(self, owner: DnsServer) -> None:
         self.owner = owner
@@ -225,6 +242,8 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
         reply = request.reply()
         qname = str(request.q.qname).rstrip(".").lower()
         qtype = QTYPE[request.q.qtype]
+        if getattr(handler, "protocol", "") == "tcp":
+            self.owner.tcp_queries += 1
         answers = self.owner.answer(qname, qtype)
         if answers is None:
             reply.header.rcode = RCODE.NXDOMAIN
@@ -244,6 +263,7 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 512  # the default 5 drops connections under a concurrent test
     block_on_close = False
 
     def __init__(self, address: tuple[str, int], handler: type, label: str) -> None:
@@ -370,6 +390,30 @@ class _ResetHandler(socketserver.BaseRequestHandler):
         self.request.close()
 
 
+class _SourceHandler(socketserver.BaseRequestHandler):
+    """Read ``<n>\\n``, then send ``n`` bytes (a repeating pattern) and close."""
+
+    server: _Server
+
+    def handle(self) -> None:
+        self.server.count()
+        self.request.settimeout(30)
+        line = b""
+        with contextlib.suppress(OSError):
+            while not line.endswith(b"\n") and len(line) < 32:
+                chunk = self.request.recv(1)
+                if not chunk:
+                    return
+                line += chunk
+            left = int(line)
+            block = bytes(range(256)) * 256
+            while left > 0:
+                piece = block[: min(left, len(block))]
+                self.request.sendall(piece)
+                left -= len(piece)
+            self.request.shutdown(socket.SHUT_WR)
+
+
 class _CountHandler(socketserver.BaseRequestHandler):
     """The blocked destination: it only counts, and any count above zero fails a test."""
 
@@ -409,6 +453,7 @@ class Net:
     http: _Server
     echo: _Server
     reset: _Server
+    source: _Server
     blocked_tls: _Server
     blocked_http: _Server
     refused_port: int
@@ -455,7 +500,7 @@ class Net:
         self.dns.set("mixed.test", [(self.blocked, 60), (self.up, 60)])
 
     def close(self) -> None:
-        for server in (self.tls, self.http, self.echo, self.reset, self.blocked_tls):
+        for server in (self.tls, self.http, self.echo, self.reset, self.source, self.blocked_tls):
             server.shutdown()
             server.server_close()
         self.blocked_http.shutdown()
@@ -497,6 +542,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
         http=_serve(_bind_preferred(up, 80, _HttpEchoHandler, "up-http")),
         echo=_serve(_Server((up, 0), _EchoHandler, "echo")),
         reset=_serve(_Server((up, 0), _ResetHandler, "reset")),
+        source=_serve(_Server((up, 0), _SourceHandler, "source")),
         blocked_tls=_serve(_bind_preferred(blocked, 443, _CountHandler, "blocked-tls")),
         blocked_http=_serve(_bind_preferred(blocked, 80, _CountHandler, "blocked-http")),
         refused_port=holder.getsockname()[1],
@@ -562,7 +608,10 @@ def standard_policies(net: Net) -> list[dict[str, Any]]:
                 {"host": "mixed.test", "ports": web_ports},
                 {"host": "rebind.test", "ports": web_ports},
                 {"host": "ttl.test", "ports": web_ports},
-                {"host": "tcp.test", "ports": [net.refused_port, net.reset.port, net.echo.port]},
+                {
+                    "host": "tcp.test",
+                    "ports": [net.refused_port, net.reset.port, net.echo.port, net.source.port],
+                },
                 {"host": "echo.test", "ports": [net.echo.port]},
             ],
             deny=[{"host": "denied.test"}],

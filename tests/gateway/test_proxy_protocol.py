@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from typing import Any
 
 import pytest
 import requests
@@ -321,3 +322,70 @@ def test_dns_server_that_never_answers_gets_504(gateway_factory: GatewayFactory,
         assert reply.status == 504
         assert reply.reason in ("dns_timeout", "dns_error")
         assert time.monotonic() - started < 3
+
+
+# --- backpressure, concurrency, DNS over TCP ---------------------------------------------------
+
+
+def test_slow_reader_is_backpressured_not_buffered(
+    gateway_factory: GatewayFactory, net: Net
+) -> None:
+    import psutil
+
+    gw = gateway_factory(extra_args=["--idle-timeout", "30"])
+    process = psutil.Process(gw.proc.pid)
+    size = 200 * 1024 * 1024
+    reply = connect(gw, f"tcp.test:{net.source.port}")
+    assert reply.status == 200
+    baseline = process.memory_info().rss
+    reply.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    reply.sock.sendall(f"{size}\n".encode())
+    time.sleep(1.0)  # the upstream could push 200 MiB in this time; we read nothing
+    grown = process.memory_info().rss - baseline
+    assert grown < 32 * 1024 * 1024, f"the gateway buffered {grown} bytes"
+    reply.sock.settimeout(10)
+    received = len(reply.rest)
+    deadline = time.monotonic() + 30
+    while received < size and time.monotonic() < deadline:
+        chunk = reply.sock.recv(1 << 20)
+        if not chunk:
+            break
+        received += len(chunk)
+    assert received == size
+    assert reply.sock.recv(1) == b""
+
+
+def test_many_concurrent_tunnels(shared_gateway: GatewayProcess, net: Net) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> bytes:
+        reply = connect(shared_gateway, f"echo.test:{net.echo.port}")
+        assert reply.status == 200
+        message = f"tunnel {i}".encode()
+        reply.sock.sendall(message)
+        reply.sock.shutdown(socket.SHUT_WR)
+        data = recv_until_eof(reply.sock)
+        reply.sock.close()
+        return data
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(64)))
+    for i, data in enumerate(results):
+        message = f"tunnel {i}".encode()
+        assert data == message + b"bye %d\n" % len(message)
+
+
+def test_large_dns_answer_over_tcp(shared_gateway: GatewayProcess, net: Net, dns: Any) -> None:
+    """60 A records do not fit a 512-byte UDP answer: the resolver retries over TCP, and
+    only the excepted address among them is dialled."""
+    prefix = net.blocked.rpartition(".")[0]
+    many = [(f"{prefix}.{i}", 0) for i in range(100, 160)] + [(net.up, 0)]
+    dns.set("rebind.test", many)
+    tcp_before = dns.tcp_queries
+    reply = connect(shared_gateway, f"rebind.test:{net.tls_port}")
+    assert reply.status == 200
+    assert dns.tcp_queries > tcp_before
+    client = f"127.0.0.1:{reply.sock.getsockname()[1]}"
+    reply.sock.close()
+    line = shared_gateway.wait_log(lambda r: r.get("client") == client)
+    assert line["upstream"] == f"{net.up}:{net.tls_port}"
