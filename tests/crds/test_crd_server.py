@@ -99,6 +99,16 @@ def test_gateway_defaults_applied(kube: Any) -> None:
     assert spec["service"]["type"] == "LoadBalancer"
     assert spec["service"]["scheme"] == "internet-facing"
     assert spec["topologySpread"] == "zone"
+    assert spec["tls"] == {"requireSNIMatch": True}
+    assert "image" not in spec  # the operator's --gateway-image applies
+
+
+def test_gateway_image_and_tls_accepted(kube: Any) -> None:
+    proc = create(kube, gateway({"image": "tidegate:1.2.3", "tls": {"requireSNIMatch": False}}))
+    assert proc.returncode == 0, proc.stderr
+    spec = json.loads(proc.stdout)["spec"]
+    assert spec["image"] == "tidegate:1.2.3"
+    assert spec["tls"] == {"requireSNIMatch": False}
 
 
 def test_policy_mode_default(kube: Any) -> None:
@@ -122,7 +132,12 @@ CEL_REJECTS = [
         policy({"allow": [{"host": "*.*.example.com"}]}), ["whole label"], id="two-wildcards"
     ),
     pytest.param(policy({"allow": [{"host": "foo*.example.com"}]}), ["whole label"], id="partial"),
-    pytest.param(policy({"allow": [{"ports": [443]}]}), ["exactly one of host or cidr"], id="none"),
+    # The OpenAPI oneOf fails first, so the server skips the CEL rule and says this instead.
+    pytest.param(
+        policy({"allow": [{"ports": [443]}]}),
+        ["exactly one of host or cidr", "must validate one and only one schema (oneOf)"],
+        id="none",
+    ),
     pytest.param(
         policy({"allow": [{"host": "a.com", "cidr": "10.0.0.0/8"}]}),
         ["exactly one of host or cidr"],
@@ -158,6 +173,10 @@ CEL_REJECTS = [
         ["minTTLSeconds must not exceed"],
         id="dns-ttl",
     ),
+    pytest.param(gateway({"image": ""}), ["at least 1 chars long"], id="empty-image"),
+    pytest.param(
+        gateway({"tls": {"requireSNIMatch": "yes"}}), ["must be of type boolean"], id="sni-type"
+    ),
 ]
 
 
@@ -172,8 +191,11 @@ def test_invalid_objects_rejected(kube: Any, obj: dict[str, Any], messages: list
 def test_explain_teaches_the_api(kube: Any) -> None:
     out = kube.kubectl("explain", "egp.spec.allow.host").stdout
     assert "ec2.*.amazonaws.com" in out
-    out = kube.kubectl("explain", "egw.spec.service").stdout
-    assert "source address" in out
+    # kubectl wraps descriptions at any space, so compare with whitespace collapsed.
+    out = " ".join(kube.kubectl("explain", "egw.spec.service").stdout.split())
+    assert "not the source address destinations see" in out
+    out = kube.kubectl("explain", "egw.spec.image").stdout
+    assert "--gateway-image" in out
 
 
 def _set_status(kube: Any, kind: str, name: str, status: dict[str, Any]) -> None:

@@ -50,30 +50,9 @@ def operator_kubeconfig(cp: ControlPlane) -> Path:
     )
 
 
-def _fill_defaults(schema: dict[str, Any]) -> None:
-    """Make an object's ``default: {}`` carry its fields' defaults (CEL rules see them)."""
-    for sub in (schema.get("properties") or {}).values():
-        _fill_defaults(sub)
-    if schema.get("default") == {} and schema.get("properties"):
-        schema["default"] = {
-            k: v["default"] for k, v in schema["properties"].items() if "default" in v
-        }
-
-
 def install_crds(cp: ControlPlane) -> None:
-    docs = []
-    for path in sorted((REPO / "crds").glob("*.yaml")):
-        for crd in yaml.safe_load_all(path.read_text()):
-            if not crd:
-                continue
-            for version in crd["spec"]["versions"]:
-                props = version["schema"]["openAPIV3Schema"].get("properties", {})
-                # The API server forbids anything but type on the root metadata schema.
-                if "metadata" in props:
-                    props["metadata"] = {"type": "object"}
-                _fill_defaults(version["schema"]["openAPIV3Schema"])
-            docs.append(crd)
-    cp.apply(docs)
+    """Apply the CRDs exactly as committed in crds/ and wait until they are served."""
+    cp.apply(sorted((REPO / "crds").glob("*.yaml")))
     for crd in ("egresspolicies.tidegate.io", "egressgateways.tidegate.io"):
         cp.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
 
