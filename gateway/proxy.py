@@ -254,7 +254,8 @@ class ClientConnection(asyncio.Protocol):
             head, rest = bytes(self.buffer[:end]), bytes(self.buffer[end:])
             self.buffer = bytearray(rest)
             self.phase = WORKING
-            self.pause_client_reading()
+            # Reading stays on while we decide and dial (pausing and resuming would cost
+            # two epoll_ctl calls per tunnel); early bytes are buffered, within a bound.
             asyncio.get_running_loop().create_task(self.handle(head))
             return
         if phase == HELLO:
@@ -262,10 +263,15 @@ class ClientConnection(asyncio.Protocol):
             self.check_hello()
             return
         if phase == WORKING:
-            self.buffer += data  # arrived before pause took effect; bounded by the head limit
+            self.buffer += data  # e.g. a ClientHello sent before our 200: keep, bounded
+            limits = self.server.limits
+            if len(self.buffer) > limits.max_header_bytes + limits.max_client_hello_bytes:
+                self.pause_client_reading()
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.phase == WORKING:
+            return True  # half-closed before the tunnel is up: passed on when it is
         if self.phase != TUNNEL:
             self.close()
             return False
