@@ -14,6 +14,9 @@ Life of a client connection (``ClientConnection.phase``):
   HELLO   CONNECT to port 443 with the SNI check on: hold the ClientHello until it
           names the CONNECT host, then forward it
   TUNNEL  splice bytes both ways; half-close is passed through; idle timeout applies
+  LINGER  an error response was sent with a FIN; what the client still sends is read and
+          dropped for LINGER_SECONDS, because closing with unread bytes would make the
+          kernel answer with a reset that can destroy the response before it is read
 
 Timeouts are enforced by one sweeper that walks the open connections once per
 ``sweep_interval`` rather than by a timer per connection (cheaper at 10k tunnels).
@@ -48,7 +51,9 @@ from .tls import NotTLS, parse_client_hello
 
 log = logging.getLogger("tidegate.gateway.proxy")
 
-HEAD, WORKING, HELLO, TUNNEL, CLOSED = range(5)
+HEAD, WORKING, HELLO, TUNNEL, CLOSED, LINGER = range(6)
+# After an error response: how long to keep draining what the client still sends.
+LINGER_SECONDS = 1.0
 _PHRASES = {
     200: "OK",
     400: "Bad Request",
@@ -119,7 +124,7 @@ class ProxyServer:
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
-            if conn.phase == HEAD:
+            if conn.phase in (HEAD, LINGER):
                 conn.abort_quietly()
         deadline = time.monotonic() + grace
         while self.connections and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a set
@@ -262,6 +267,8 @@ class ClientConnection(asyncio.Protocol):
             self.buffer += data
             self.check_hello()
             return
+        if phase == LINGER:
+            return
         if phase == WORKING:
             self.buffer += data  # e.g. a ClientHello sent before our 200: keep, bounded
             limits = self.server.limits
@@ -352,6 +359,8 @@ class ClientConnection(asyncio.Protocol):
         elif phase == HELLO and time.monotonic() > self.deadline:
             self.record.update(decision="deny", reason="tls_hello_timeout", status=200)
             self.abort_quietly()
+        elif phase == LINGER and time.monotonic() > self.deadline:
+            self.close()
         elif phase == TUNNEL and now - self.last_active > self.server.limits.idle_timeout:
             self.record.setdefault("closed_by", "idle_timeout")
             self.close()
@@ -626,8 +635,16 @@ class ClientConnection(asyncio.Protocol):
             f"Connection: close\r\n\r\n".encode("latin-1")
             + body
         )
-        self.phase = CLOSED if self.phase == CLOSED else self.phase
-        transport.close()
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+        if self.phase == CLOSED or not transport.can_write_eof():
+            transport.close()
+            return
+        self.phase = LINGER
+        self.deadline = time.monotonic() + LINGER_SECONDS
+        self.buffer = bytearray()
+        transport.write_eof()
+        self.resume_client_reading()
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
