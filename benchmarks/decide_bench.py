@@ -35,10 +35,12 @@ def build(size: int) -> Engine:
             hosts.append(f"api.*.m{i}.example.org")
     per = 5000
     policies = tuple(
-        parse_policy({
-            "metadata": {"name": f"p{k}", "namespace": f"team{k % 100}"},
-            "spec": {"allow": [{"host": h} for h in hosts[k * per : (k + 1) * per]]},
-        })
+        parse_policy(
+            {
+                "metadata": {"name": f"p{k}", "namespace": f"team{k % 100}"},
+                "spec": {"allow": [{"host": h} for h in hosts[k * per : (k + 1) * per]]},
+            }
+        )
         for k in range((size + per - 1) // per)
     )
     return Engine(GATEWAY, policies)
@@ -70,11 +72,17 @@ def main() -> None:
                 engine.decide(client, host, 443)
         per_decision = (time.perf_counter() - started) / (rounds * len(probes)) * 1e6
         base = base or per_decision
-        print(json.dumps({
-            "rules": engine.rule_count, "build_s": round(built, 2),
-            "us_per_decision": round(per_decision, 2), "ratio_to_smallest": round(per_decision / base, 2),
-            "verdicts": verdicts,
-        }))
+        print(
+            json.dumps(
+                {
+                    "rules": engine.rule_count,
+                    "build_s": round(built, 2),
+                    "us_per_decision": round(per_decision, 2),
+                    "ratio_to_smallest": round(per_decision / base, 2),
+                    "verdicts": verdicts,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

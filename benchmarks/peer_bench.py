@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realistic import bench_bundle  # noqa: E402
+from realistic import bench_bundle
 
 PORT = 3130
 
@@ -47,9 +47,18 @@ def main() -> int:
         f"--log-level warning"
     )
     args = [
-        str(a.peer_bench / "venv" / "bin" / "python"), str(a.peer_bench / "bench.py"),
-        "--systems", a.systems, "--tests", a.tests, "--reps", str(a.reps),
-        "--duration", str(a.duration), "--custom", f"tidegate={PORT}={command}",
+        str(a.peer_bench / "venv" / "bin" / "python"),
+        str(a.peer_bench / "bench.py"),
+        "--systems",
+        a.systems,
+        "--tests",
+        a.tests,
+        "--reps",
+        str(a.reps),
+        "--duration",
+        str(a.duration),
+        "--custom",
+        f"tidegate={PORT}={command}",
     ]
     if a.out:
         args += ["--out", str(a.out)]

@@ -12,12 +12,34 @@ from typing import Any
 from tidegate.gateway.bundle import compile_bundle
 from tidegate.gateway.documents import parse_gateway, parse_policy
 
-WORDS = ["api", "cdn", "auth", "data", "files", "static", "login", "edge", "img", "sso",
-         "repo", "pkg", "mirror", "docs", "status", "events", "push", "hooks", "web", "app"]
+WORDS = [
+    "api",
+    "cdn",
+    "auth",
+    "data",
+    "files",
+    "static",
+    "login",
+    "edge",
+    "img",
+    "sso",
+    "repo",
+    "pkg",
+    "mirror",
+    "docs",
+    "status",
+    "events",
+    "push",
+    "hooks",
+    "web",
+    "app",
+]
 TLDS = ["com", "net", "io", "org", "dev", "cloud"]
 
 
-def policy_objects(count: int, *, seed: int = 7, rules_per_policy: int = 12) -> list[dict[str, Any]]:
+def policy_objects(
+    count: int, *, seed: int = 7, rules_per_policy: int = 12
+) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     out: list[dict[str, Any]] = []
     for i in range(count):
@@ -52,13 +74,15 @@ def policy_objects(count: int, *, seed: int = 7, rules_per_policy: int = 12) -> 
 
 
 def bench_bundle(count: int = 1000) -> bytes:
-    gateway = parse_gateway({
-        "metadata": {"name": "bench", "namespace": "tidegate-system"},
-        "spec": {
-            "clientCIDRs": ["127.0.0.0/8", "10.0.0.0/8"],
-            # the bench upstream lives on loopback; everything else stays guarded
-            "privateDestinationExceptions": ["127.0.0.1/32"],
-        },
-    })
+    gateway = parse_gateway(
+        {
+            "metadata": {"name": "bench", "namespace": "tidegate-system"},
+            "spec": {
+                "clientCIDRs": ["127.0.0.0/8", "10.0.0.0/8"],
+                # the bench upstream lives on loopback; everything else stays guarded
+                "privateDestinationExceptions": ["127.0.0.1/32"],
+            },
+        }
+    )
     policies = [parse_policy(p) for p in policy_objects(count)]
     return compile_bundle(gateway=gateway, policies=policies, generation=1)
