@@ -23,7 +23,7 @@
 set -Eeuo pipefail # -E: the ERR trap also fires inside functions
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=versions.env
+# shellcheck source=SCRIPTDIR/versions.env
 source "$HERE/versions.env"
 
 CACHE_ROOT="${TIDEGATE_CP_CACHE:-$HOME/.cache/tidegate/control-plane}"
@@ -57,6 +57,11 @@ trap on_error ERR
 
 command -v go >/dev/null || { log "FAILED at step: setup (no 'go' on PATH; Go >= 1.26 needed)"; exit 1; }
 mkdir -p "$BIN" "$SRC" "$LOGS"
+# One build at a time per cache (two test sessions may both find a binary missing).
+if command -v flock >/dev/null; then
+    exec 9>"$ROOT/.build.lock"
+    flock -n 9 || { log "waiting for another build.sh on $ROOT"; flock 9; }
+fi
 GO_VERSION="$(go env GOVERSION)"
 
 gomod_of() { # module@version -> path of its go.mod in the module cache
