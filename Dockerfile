@@ -6,7 +6,10 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 # README.m[d]: the readme is optional for the build context.
 COPY pyproject.toml README.m[d] ./
+# src/tidegate/{gateway,operator} are symlinks to the top-level folders: copy those too.
 COPY src ./src
+COPY gateway ./gateway
+COPY operator ./operator
 # The project's wheel and the wheels of all its dependencies (operator extra included).
 RUN pip wheel --no-cache-dir --wheel-dir /dist ".[operator]"
 
