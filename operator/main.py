@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
@@ -25,6 +26,40 @@ def _host_port(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+# kopf logs one INFO line per handler run ("Handler 'x' succeeded.") and one per processed
+# cause ("Update is processed: 2 succeeded; 0 failed."), i.e. for nearly every watch event.
+_CHATTER = re.compile(
+    r"Handler '[^']*' succeeded\.|[A-Z][a-z]+(?: [a-z]+)* is processed: \d+ succeeded; \d+ failed\."
+)
+
+
+class HandlerChatterFilter(logging.Filter):
+    """Demote kopf's per-handler success lines to DEBUG (shown only with ``--verbose``).
+
+    Attached to kopf's ``kopf.objects`` logger. Warnings and errors, kopf's other lines and
+    the operator's own ``tidegate.operator`` logs pass untouched.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not _CHATTER.fullmatch(record.getMessage()):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def quiet_kopf_chatter() -> None:
+    """Install :class:`HandlerChatterFilter` once on kopf's per-object logger."""
+    logger = logging.getLogger("kopf.objects")
+    if not any(isinstance(f, HandlerChatterFilter) for f in logger.filters):
+        logger.addFilter(HandlerChatterFilter())
 
 
 def _namespaced_name(text: str) -> str:
@@ -65,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--standalone", action="store_true", help="no peering: assume this is the only replica"
     )
     parser.add_argument(
+        "--priority",
+        type=int,
+        default=0,
+        help="peering priority: replicas pause in favour of a live peer with a higher one; "
+        "equal priorities all pause with a warning (default: 0)",
+    )
+    parser.add_argument(
+        "--peering-lifetime",
+        type=_positive_int,
+        default=60,
+        metavar="SECONDS",
+        help="how long a replica counts as alive after its last keep-alive, i.e. how soon a "
+        "standby takes over from a killed peer (default: 60)",
+    )
+    parser.add_argument(
         "--liveness",
         default="http://0.0.0.0:8080/healthz",
         metavar="URL",
@@ -99,7 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="re-check every gateway this often, whatever happens (default: 60)",
     )
-    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="debug logging, including kopf's per-handler 'succeeded' lines",
+    )
     return parser
 
 
@@ -117,6 +172,9 @@ def run(argv: Sequence[str]) -> int:
     from .reconcile import Settings
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON, log_refkey="object")
+    quiet_kopf_chatter()
+    settings = kopf.OperatorSettings()
+    settings.peering.lifetime = args.peering_lifetime
     runtime = handlers.Runtime(
         kubeconfig=args.kubeconfig,
         settings=Settings(gateway_image=args.gateway_image, default_gateway=args.default_gateway),
@@ -135,6 +193,8 @@ def run(argv: Sequence[str]) -> int:
                 namespaces=namespaces,
                 standalone=True if args.standalone else None,
                 peering_name=None if args.standalone else args.peering,
+                priority=args.priority,
+                settings=settings,
                 liveness_endpoint=args.liveness,
                 memo=kopf.Memo(runtime=runtime),
             )
