@@ -7,8 +7,6 @@ work out which gateway(s) the event concerns, and request a pass for them. The w
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import copy
 import logging
 import time
@@ -42,10 +40,9 @@ class Runtime:
     resync_seconds: float = RESYNC_SECONDS
     credentials: Credentials | None = None
     reconciler: Reconciler | None = None
-    resync_task: asyncio.Task[None] | None = None
 
     def attach(self, kwargs: Mapping[str, Any]) -> Reconciler:
-        """Point the reconciler at kopf's live indexes; start the resync loop once."""
+        """Point the reconciler at kopf's live indexes."""
         if self.reconciler is None:
             raise kopf.TemporaryError("the operator is still starting", delay=1)
         self.reconciler.views = Views(
@@ -53,17 +50,7 @@ class Runtime:
             policies=kwargs["policy_index"],
             namespaces=kwargs["namespace_index"],
         )
-        if self.resync_task is None or self.resync_task.done():
-            # Created here, inside a resource handler, so the task (and the reconcile tasks
-            # it spawns) inherit kopf's context, which its Event posting needs.
-            self.resync_task = asyncio.create_task(self._resync(), name="tidegate resync")
         return self.reconciler
-
-    async def _resync(self) -> None:
-        while True:
-            await asyncio.sleep(self.resync_seconds)
-            if self.reconciler is not None:
-                self.reconciler.request_all()
 
 
 def _runtime(memo: Any) -> Runtime:
@@ -104,10 +91,6 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
 @kopf.on.cleanup()
 async def cleanup(memo: Any, **_: Any) -> None:
     runtime = _runtime(memo)
-    if runtime.resync_task is not None:
-        runtime.resync_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await runtime.resync_task
     if runtime.reconciler is not None:
         await runtime.reconciler.close()
         await runtime.reconciler.client.close()
@@ -203,6 +186,24 @@ async def policy_event(
 @kopf.on.update(GROUP, VERSION, GATEWAYS)
 async def gateway_changed(namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
     _runtime(memo).attach(kwargs).request(f"{namespace or ''}/{name}")
+
+
+@kopf.daemon(GROUP, VERSION, GATEWAYS, cancellation_timeout=5)
+async def gateway_resync(
+    stopped: kopf.DaemonStopped, namespace: str | None, name: str, memo: Any, **kwargs: Any
+) -> None:
+    """Reconcile each gateway every ``--resync-seconds``, as a safety net for missed events.
+
+    A kopf daemon rather than one loop of our own: kopf stops daemons while peering has
+    paused this replica, so a standby (whose indexes no longer move) never publishes a stale
+    bundle over the active replica's.
+    """
+    runtime = _runtime(memo)
+    while not stopped:
+        await stopped.wait(runtime.resync_seconds)
+        if stopped:
+            break
+        runtime.attach(kwargs).request(f"{namespace or ''}/{name}")
 
 
 @kopf.on.event(GROUP, VERSION, GATEWAYS)

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import logging
 import re
+import secrets
 import sys
 from collections.abc import Sequence
 
@@ -102,9 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--priority",
         type=int,
-        default=0,
-        help="peering priority: replicas pause in favour of a live peer with a higher one; "
-        "equal priorities all pause with a warning (default: 0)",
+        default=None,
+        help="peering priority: replicas pause in favour of a live peer with a higher one. "
+        "kopf freezes every replica when priorities are equal, so the default is a random "
+        "number drawn at start-up: replicas of one Deployment never tie",
     )
     parser.add_argument(
         "--peering-lifetime",
@@ -158,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _priority(given: int | None) -> int:
+    """Peers of equal priority all freeze (kopf's rule), so draw one unless told."""
+    if given is not None:
+        return given
+    return secrets.randbelow(1_000_000) + 1
+
+
 def run(argv: Sequence[str]) -> int:
     """``tidegate operator ...``: parse arguments, then run kopf until signalled."""
     args = build_parser().parse_args(list(argv))
@@ -193,7 +202,7 @@ def run(argv: Sequence[str]) -> int:
                 namespaces=namespaces,
                 standalone=True if args.standalone else None,
                 peering_name=None if args.standalone else args.peering,
-                priority=args.priority,
+                priority=_priority(args.priority),
                 settings=settings,
                 liveness_endpoint=args.liveness,
                 memo=kopf.Memo(runtime=runtime),

@@ -250,12 +250,6 @@ def test_lower_priority_replica_pauses_in_favour_of_higher(
 
 
 @pytest.mark.kube
-@pytest.mark.xfail(
-    strict=True,
-    reason="a replica that was active and then pauses keeps running its own resync loop "
-    "(handlers.Runtime._resync, an asyncio task kopf does not pause) against its frozen "
-    "indexes, and publishes stale bundles over the active replica's",
-)
 def test_change_is_reconciled_once_by_the_active_replica(
     cluster: ControlPlane, replicas: tuple[PeeredOperator, PeeredOperator]
 ) -> None:
@@ -318,8 +312,14 @@ def test_standby_takes_over_after_sigkill(
 def test_cli_peering_flags() -> None:
     from tidegate.operator.main import build_parser
 
+    from tidegate.operator.main import _priority
+
     args = build_parser().parse_args([])
-    assert (args.priority, args.peering_lifetime, args.verbose) == (0, 60, False)
+    assert (args.priority, args.peering_lifetime, args.verbose) == (None, 60, False)
+    # No priority given: replicas draw distinct ones (kopf freezes every peer on a tie).
+    drawn = {_priority(None) for _ in range(50)}
+    assert len(drawn) > 45 and all(p > 0 for p in drawn)
+    assert _priority(7) == 7
     args = build_parser().parse_args(["--priority", "-5", "--peering-lifetime", "6", "-v"])
     assert (args.priority, args.peering_lifetime, args.verbose) == (-5, 6, True)
     with pytest.raises(SystemExit):
