@@ -310,9 +310,7 @@ def test_standby_takes_over_after_sigkill(
 
 
 def test_cli_peering_flags() -> None:
-    from tidegate.operator.main import build_parser
-
-    from tidegate.operator.main import _priority
+    from tidegate.operator.main import _priority, build_parser
 
     args = build_parser().parse_args([])
     assert (args.priority, args.peering_lifetime, args.verbose) == (None, 60, False)
