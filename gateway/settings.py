@@ -39,6 +39,12 @@ class Limits:
     write_high_water: int = _limit(
         256 * 1024, "bytes buffered towards one side before the other side stops reading"
     )  # type: ignore[assignment]
+    read_buffer: int = _limit(
+        1 << 20, "bytes read at once on a busy tunnel (one buffer shared by all of them)"
+    )  # type: ignore[assignment]
+    bulk_threshold: int = _limit(
+        256 * 1024, "bytes one side of a tunnel carries before it switches to bulk reads"
+    )  # type: ignore[assignment]
     sweep_interval: float = _limit(
         1.0, "seconds between checks of idle and header deadlines (their granularity)"
     )  # type: ignore[assignment]
