@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Generic, TypeVar
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -78,29 +78,23 @@ class CidrIndex(Generic[T]):
     def __bool__(self) -> bool:
         return bool(self._buckets)
 
-    def lookup(self, ip: IPAddress) -> list[T]:
-        found: list[T] = []
+    def _hits(self, ip: IPAddress) -> Iterator[list[T]]:
+        """The bucket entries of every network (of any length in use) covering ``ip``."""
         number = int(ip)
         bits = ip.max_prefixlen
         for (version, prefixlen), bucket in self._buckets.items():
             if version != ip.version:
                 continue
-            masked = (number >> (bits - prefixlen)) << (bits - prefixlen) if prefixlen else 0
-            hit = bucket.get(masked)
+            shift = bits - prefixlen
+            hit = bucket.get((number >> shift) << shift if prefixlen else 0)
             if hit:
-                found.extend(hit)
-        return found
+                yield hit
+
+    def lookup(self, ip: IPAddress) -> list[T]:
+        return [value for hit in self._hits(ip) for value in hit]
 
     def contains(self, ip: IPAddress) -> bool:
-        number = int(ip)
-        bits = ip.max_prefixlen
-        for (version, prefixlen), bucket in self._buckets.items():
-            if version != ip.version:
-                continue
-            masked = (number >> (bits - prefixlen)) << (bits - prefixlen) if prefixlen else 0
-            if masked in bucket:
-                return True
-        return False
+        return next(self._hits(ip), None) is not None
 
 
 _SPECIAL: CidrIndex[str] = CidrIndex(

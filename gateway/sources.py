@@ -61,7 +61,21 @@ def _signature(paths: list[Path]) -> tuple[tuple[str, int, int, int], ...]:
     return tuple(out)
 
 
-class DirectorySource:
+class _Polling:
+    """Check a file source every ``interval`` seconds; ``load_once`` does the work."""
+
+    interval: float
+
+    async def load_once(self) -> bool:
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.load_once()
+
+
+class DirectorySource(_Polling):
     def __init__(self, directory: Path, state: GatewayState, *, interval: float = 1.0) -> None:
         self.directory = directory
         self.state = state
@@ -92,13 +106,8 @@ class DirectorySource:
         self._generation += 1
         return await self.state.apply(bundle, source=source)
 
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            await self.load_once()
 
-
-class BundleFileSource:
+class BundleFileSource(_Polling):
     def __init__(self, path: Path, state: GatewayState, *, interval: float = 1.0) -> None:
         self.path = path
         self.state = state
@@ -128,11 +137,6 @@ class BundleFileSource:
                 return False
             return await self.state.apply(bundle, source=str(path))
         return False
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            await self.load_once()
 
 
 def bundle_bytes_from_configmap(obj: dict[str, object]) -> bytes | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 import time
 
-from fixtures_net import GatewayProcess
+from fixtures_net import GatewayProcess, recv_until_eof
 
 
 def test_oversized_head_streamed_in_pieces_still_gets_431(shared_gateway: GatewayProcess) -> None:
@@ -25,15 +25,6 @@ def test_oversized_head_streamed_in_pieces_still_gets_431(shared_gateway: Gatewa
         except (BrokenPipeError, ConnectionResetError):
             pass
         time.sleep(0.3)
-        reply = b""
-        deadline = time.monotonic() + 5
-        while b"\r\n\r\n" not in reply and time.monotonic() < deadline:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            reply += chunk
+        reply = recv_until_eof(sock)
     assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
     assert b"X-Tidegate-Reason: header_too_large" in reply
