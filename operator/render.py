@@ -36,6 +36,12 @@ ANN_BUNDLE_SHA = "tidegate.io/bundle-sha256"
 ANN_BUNDLE_GENERATION = "tidegate.io/bundle-generation"
 
 AWS_LB = "service.beta.kubernetes.io/aws-load-balancer-"
+# Static, so they never roll the Deployment; the metrics port is never on the Service.
+SCRAPE_ANNOTATIONS = {
+    "prometheus.io/scrape": "true",
+    "prometheus.io/port": str(METRICS_PORT),
+    "prometheus.io/path": "/metrics",
+}
 
 DEFAULT_RESOURCES: dict[str, Any] = {
     "requests": {"cpu": "100m", "memory": "128Mi"},
@@ -304,7 +310,10 @@ def render_deployment(
             "type": "RollingUpdate",
             "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
         },
-        "template": {"metadata": {"labels": names.labels()}, "spec": pod_spec},
+        "template": {
+            "metadata": {"labels": names.labels(), "annotations": dict(SCRAPE_ANNOTATIONS)},
+            "spec": pod_spec,
+        },
     }
     replicas = desired_replicas(gateway, current_replicas)
     if replicas is not None:

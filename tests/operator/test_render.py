@@ -88,7 +88,12 @@ def test_deployment_is_secure_and_bundle_independent() -> None:
     assert pod["volumes"][0]["configMap"]["optional"] is True
     assert dep["spec"]["replicas"] == 2
     assert dep["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
-    assert "annotations" not in dep["spec"]["template"]["metadata"]
+    # Only static annotations (Prometheus scraping): nothing that changes with the bundle.
+    assert dep["spec"]["template"]["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9090",
+        "prometheus.io/path": "/metrics",
+    }
     # zone spread by default
     assert pod["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
 
