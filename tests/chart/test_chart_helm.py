@@ -12,7 +12,6 @@ from helmlib import CHART, NO_HELM, by_kind, find_helm, helm, render, template_t
 pytestmark = pytest.mark.skipif(find_helm() is None, reason=NO_HELM)
 
 ROOT = Path(__file__).resolve().parents[2]
-EGW = "tidegate.io/v1alpha1/EgressGateway"
 
 
 def strip_helm_metadata(crd: dict[str, Any]) -> dict[str, Any]:
@@ -24,7 +23,7 @@ def strip_helm_metadata(crd: dict[str, Any]) -> dict[str, Any]:
 
 def test_lint() -> None:
     helm("lint", str(CHART), "--strict")
-    helm("lint", str(CHART), "--strict", "--set", "crds.install=false,defaultGateway.create=false")
+    helm("lint", str(CHART), "--strict", "--set", "defaultGateway.create=false")
 
 
 def test_defaults_render_operator() -> None:
@@ -94,45 +93,32 @@ def test_rbac_least_privilege() -> None:
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
 
 
-def test_crds_rendered_identical_to_source() -> None:
-    crds = {d["metadata"]["name"]: d for d in by_kind(render(), "CustomResourceDefinition")}
+def test_crds_come_from_the_chart_crds_folder() -> None:
+    """Helm installs crds/ before rendering templates (so the default EgressGateway and the
+    ClusterKopfPeering can be plain release objects), never upgrades or deletes them."""
+    assert not by_kind(render(), "CustomResourceDefinition")
+    crds = {
+        d["metadata"]["name"]: d
+        for d in by_kind(render(extra=("--include-crds",)), "CustomResourceDefinition")
+    }
     for path in (ROOT / "crds").glob("*.yaml"):
         source = yaml.safe_load(path.read_text())
-        rendered = crds[source["metadata"]["name"]]
-        assert strip_helm_metadata(rendered) == source
-        assert rendered["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        assert crds[source["metadata"]["name"]] == source
     assert "clusterkopfpeerings.kopf.dev" in crds and "kopfpeerings.kopf.dev" in crds
-
-
-def test_crds_absent_and_not_kept() -> None:
-    names = {
-        d["metadata"]["name"]
-        for d in by_kind(render("crds.install=false"), "CustomResourceDefinition")
-    }
-    assert not any(n.endswith("tidegate.io") for n in names)
-    for crd in by_kind(render("crds.keep=false"), "CustomResourceDefinition"):
-        assert "helm.sh/resource-policy" not in crd["metadata"].get("annotations", {})
-    assert not by_kind(
-        render("crds.install=false", "peering.installCRDs=false"), "CustomResourceDefinition"
-    )
 
 
 def test_default_gateway() -> None:
     (gw,) = by_kind(render(), "EgressGateway")
     assert gw["metadata"] == gw["metadata"] | {"name": "default", "namespace": "tidegate-system"}
     assert gw["spec"] == {}
-    # First install: the CRD is not known yet, so a post-install hook creates it.
-    assert gw["metadata"]["annotations"]["helm.sh/hook"] == "post-install"
-    docs = render(
-        "defaultGateway.spec.mode=Audit",
-        "defaultGateway.spec.service.scheme=internal",
-        extra=("--api-versions", EGW),
-    )
+    assert "helm.sh/hook" not in gw["metadata"].get("annotations", {})
+    docs = render("defaultGateway.spec.mode=Audit", "defaultGateway.spec.service.scheme=internal")
     (gw,) = by_kind(docs, "EgressGateway")
     assert gw["spec"] == {"mode": "Audit", "service": {"scheme": "internal"}}
-    assert "helm.sh/hook" not in gw["metadata"]["annotations"]
-    assert gw["metadata"]["annotations"]["meta.helm.sh/release-name"] == "tidegate"
     assert not by_kind(render("defaultGateway.create=false"), "EgressGateway")
+    (peering,) = by_kind(render(), "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "tidegate"
+    assert not by_kind(render("peering.create=false"), "ClusterKopfPeering")
 
 
 def test_options() -> None:

@@ -29,23 +29,17 @@ def load_generator():  # type: ignore[no-untyped-def]
 )
 def test_chart_crds_match_source_of_truth(name: str) -> None:
     source = (ROOT / "crds" / name).read_bytes()
-    copy = (CHART / "crds-source" / name).read_bytes()
+    copy = (CHART / "crds" / name).read_bytes()
     assert copy == source, (
-        f"charts/tidegate/crds-source/{name} differs from crds/{name}: "
-        "cp crds/*.yaml charts/tidegate/crds-source/"
+        f"charts/tidegate/crds/{name} differs from crds/{name}: "
+        "cp crds/*.yaml charts/tidegate/crds/"
     )
 
 
-def test_chart_crds_no_extra_files() -> None:
-    assert sorted(p.name for p in (CHART / "crds-source").iterdir()) == sorted(
-        p.name for p in (ROOT / "crds").glob("*.yaml")
-    )
-
-
-def test_crd_metadata_block_is_replaceable() -> None:
-    """templates/crds.yaml injects labels after the one unindented 'metadata:' line."""
-    for path in (CHART / "crds-source").glob("*.yaml"):
-        assert path.read_text().count("\nmetadata:\n") == 1, path
+def test_chart_crds_are_ours_and_kopfs_only() -> None:
+    ours = {p.name for p in (ROOT / "crds").glob("*.yaml")}
+    kopf = {"kopf.dev_clusterkopfpeerings.yaml", "kopf.dev_kopfpeerings.yaml"}
+    assert {p.name for p in (CHART / "crds").iterdir()} == ours | kopf
 
 
 def test_values_schema_is_generated() -> None:
@@ -93,4 +87,4 @@ def test_no_registry_host_in_chart() -> None:
 
 def test_docs_state_source_vs_ingress_addresses() -> None:
     text = (ROOT / "docs" / "helm.md").read_text().lower()
-    assert "source" in text and "ingress" in text and "crds.keep" in text
+    assert "source" in text and "ingress" in text and "--skip-crds" in text

@@ -56,29 +56,3 @@ app.kubernetes.io/component: operator
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
 {{- end -}}
-
-{{/*
-Metadata of a custom resource whose CRD this same release may install. Helm resolves
-every kind of a release before creating anything, so on a first install (CRD absent) the
-object is created by a post-install hook instead. The ownership annotations let the next
-upgrade, when the CRD is known, adopt it as a regular release object.
-Call with (dict "root" $ "apiVersion" "group/version/Kind").
-*/}}
-{{- define "tidegate.crMetadataAnnotations" -}}
-meta.helm.sh/release-name: {{ .root.Release.Name }}
-meta.helm.sh/release-namespace: {{ .root.Release.Namespace }}
-{{- if not (.root.Capabilities.APIVersions.Has .apiVersion) }}
-helm.sh/hook: post-install
-helm.sh/hook-weight: "5"
-{{- end }}
-{{- end -}}
-
-{{/* Labels and annotations added to the CRDs, indented for the metadata block. */}}
-{{- define "tidegate.crdMetadata" -}}
-labels:
-{{ include "tidegate.labels" . | indent 4 }}
-{{- if .Values.crds.keep }}
-  annotations:
-    helm.sh/resource-policy: keep
-{{- end }}
-{{- end -}}
