@@ -110,13 +110,15 @@ class PeeredOperator(OperatorProcess):
 
 
 def chart_peering(cp: ControlPlane) -> list[dict[str, Any]]:
-    """The kopf.dev CRDs and the ClusterKopfPeering exactly as the chart renders them."""
+    """The kopf.dev CRDs (from the chart's crds/ folder, as `helm install` applies them) and
+    the ClusterKopfPeering exactly as the chart renders them."""
     out = cp.helm(
         "template",
         RELEASE,
         str(REPO / "charts" / "tidegate"),
         "-n",
         NS,
+        "--include-crds",
         "--set",
         f"peering.name={PEERING}",
     ).stdout
