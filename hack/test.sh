@@ -21,9 +21,19 @@ for tool in curl git; do
     fi
 done
 
-if [ -x hack/control-plane/build.sh ] || [ -f hack/control-plane/build.sh ]; then
-    echo "==> test control plane (kube-apiserver, etcd, kubectl, helm): build or reuse the cache"
-    bash hack/control-plane/build.sh
+echo "==> test control plane (kube-apiserver, etcd, kubectl, helm): build or reuse the cache"
+# A first build takes ~12 minutes (Go module downloads included). A registry hiccup must not
+# turn the whole run red: retry, and if it still fails, run everything else and skip the
+# tests that need a real API server, saying so loudly.
+built=0
+for attempt in 1 2 3; do
+    if bash hack/control-plane/build.sh; then built=1; break; fi
+    echo "==> control-plane build failed (attempt $attempt); retrying in 20 s" >&2
+    sleep 20
+done
+if [ "$built" != 1 ]; then
+    echo "==> WARNING: no test control plane; the kube tests will be SKIPPED" >&2
+    export TIDEGATE_SKIP_KUBE=1
 fi
 
 echo "==> ruff"
