@@ -68,9 +68,18 @@ async def run_gateway(options: GatewayOptions) -> int:
     if options.metrics_listen is not None:
         runner = web.AppRunner(make_admin_app(state=state, metrics=metrics), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, *options.metrics_listen).start()
-        log.info("metrics and health on %s:%d", *options.metrics_listen)
-    bound = await proxy.listen(*options.listen)
+    try:
+        if runner is not None and options.metrics_listen is not None:
+            await web.TCPSite(runner, *options.metrics_listen).start()
+            log.info("metrics and health on %s:%d", *options.metrics_listen)
+        bound = await proxy.listen(*options.listen)
+    except OSError as exc:  # a port in use or not ours: say so in one line, exit non-zero
+        log.error("cannot listen: %s", exc)
+        for task in tasks:
+            task.cancel()
+        if runner is not None:
+            await runner.cleanup()
+        return 1
     log.info("proxy listening on %s", ", ".join(f"{h}:{p}" for h, p in bound))
 
     stop = asyncio.Event()
