@@ -41,7 +41,7 @@ def test_port_in_use_is_reported_and_exits_1() -> None:
 
 def test_no_policy_source_is_a_usage_error() -> None:
     proc = subprocess.run(
-        [str(TIDEGATE), "gateway", "--listen", "127.0.0.1:0"],
+        [str(TIDEGATE), "gateway", "--listen", "127.0.0.1:3999"],
         capture_output=True,
         text=True,
         timeout=30,
