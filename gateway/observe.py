@@ -83,7 +83,8 @@ class Histogram:
 
 _HELP = {
     "tidegate_requests": "Proxy requests (CONNECT or plain HTTP) by decision, policy, reason.",
-    "tidegate_tunnels_active": "Open client connections being proxied.",
+    "tidegate_tunnels_active": "Open tunnels: client connections with a destination dialled.",
+    "tidegate_connections_active": "Open client connections, tunnels and heads in progress.",
     "tidegate_bytes": "Bytes proxied, by direction (up: towards the destination).",
     "tidegate_upstream_connect_seconds": "Time to open the TCP connection to the destination.",
     "tidegate_dns_cache_hits": "DNS answers served from the cache.",
@@ -107,6 +108,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.requests = Labelled("decision", "policy", "reason")
         self.tunnels_active = Value()
+        self.connections_active = Value()
         self.bytes_up = Value()
         self.bytes_down = Value()
         self.upstream_connect = Histogram(
@@ -136,9 +138,13 @@ class Metrics:
 
     def collect(self) -> Iterator[Metric]:
         yield from _labelled_counter("tidegate_requests", self.requests)
-        gauge = GaugeMetricFamily("tidegate_tunnels_active", _HELP["tidegate_tunnels_active"])
-        gauge.add_metric([], self.tunnels_active.value)
-        yield gauge
+        for name, value in (
+            ("tidegate_tunnels_active", self.tunnels_active),
+            ("tidegate_connections_active", self.connections_active),
+        ):
+            gauge = GaugeMetricFamily(name, _HELP[name])
+            gauge.add_metric([], value.value)
+            yield gauge
         counter = CounterMetricFamily(
             "tidegate_bytes", _HELP["tidegate_bytes"], labels=["direction"]
         )

@@ -306,7 +306,7 @@ class ClientConnection(asyncio.Protocol):
         self.peer = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
         self.client_ip = _client_address(host)
         transport.set_write_buffer_limits(high=server.limits.write_high_water)
-        server.metrics.tunnels_active.inc()
+        server.metrics.connections_active.inc()
         server.connections.add(self)
         if len(server.connections) > server.limits.max_connections or server.state.draining:
             server.metrics.rejected.labels("overload").inc()
@@ -392,9 +392,11 @@ class ClientConnection(asyncio.Protocol):
         self.phase = CLOSED
         server = self.server
         server.connections.discard(self)
-        server.metrics.tunnels_active.dec()
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.close()
+        server.metrics.connections_active.dec()
+        if self.upstream is not None:
+            server.metrics.tunnels_active.dec()
+            if self.upstream.transport is not None:
+                self.upstream.transport.close()
         self.finish()
 
     def pause_writing(self) -> None:
@@ -624,6 +626,7 @@ class ClientConnection(asyncio.Protocol):
                     upstream.transport.close()
                 return False
             self.upstream = upstream
+            self.server.metrics.tunnels_active.inc()
             self.record["upstream"] = _hostport(address, port)
             return True
         if timed_out and "timed out" in last_error:
