@@ -414,7 +414,7 @@ def test_policy_change_bumps_bundle_without_rollout(
         "--type=json",
         "-p",
         json.dumps(
-            [{"op": "add", "path": "/spec/allow/-", "value": {"host": "registry.npmjs.org"}}]
+            [{"op": "add", "path": "/spec/allow/-", "value": {"host": "mirror.example.org"}}]
         ),
     )
     wait_for(
