@@ -19,7 +19,8 @@ from .settings import Limits
 from .sources import bundle_from_documents, read_policy_dir
 
 
-def _hostport(text: str) -> tuple[str, int]:
+def listen_address(text: str) -> tuple[str, int]:
+    """argparse type for ``HOST:PORT`` / ``[v6]:PORT`` listen flags (the operator uses it too)."""
     try:
         host, port = split_host_port(text)
     except HostError as exc:
@@ -66,13 +67,13 @@ def add_gateway_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     p.add_argument(
         "--listen",
-        type=_hostport,
+        type=listen_address,
         default=("0.0.0.0", 3128),
         help="HOST:PORT of the proxy (default 0.0.0.0:3128)",
     )
     p.add_argument(
         "--metrics-listen",
-        type=_hostport,
+        type=listen_address,
         default=("0.0.0.0", 9090),
         help="HOST:PORT of /metrics, /healthz, /readyz (default 0.0.0.0:9090)",
     )

@@ -123,8 +123,6 @@ class Resolver:
         self._resolver.lifetime = timeout
         self._resolver.timeout = timeout
         self._resolver.cache = None  # our cache, with our TTL bounds
-        self.hits = 0
-        self.misses = 0
 
     def _clamp(self, ttl: float) -> float:
         return min(max(ttl, self.settings.min_ttl), self.settings.max_ttl)
@@ -141,7 +139,6 @@ class Resolver:
         if self.settings.cache_enabled:
             entry = self._cache.get(name)
             if entry is not None and entry.expires > self._clock():
-                self.hits += 1
                 if entry.error is not None:
                     raise ResolveError(entry.error)
                 return entry.addresses
@@ -152,7 +149,6 @@ class Resolver:
         found = self.cached(name)
         if found is not None:
             return found
-        self.misses += 1
         pending = self._inflight.get(name)
         if pending is not None:  # coalesce concurrent lookups of one name
             return await asyncio.shield(pending)

@@ -599,13 +599,13 @@ class ClientConnection(asyncio.Protocol):
     async def _dial(self, addresses: list[IPAddress], port: int) -> bool:
         loop = asyncio.get_running_loop()
         limits = self.server.limits
-        last_error = "no address"
-        timed_out = False
+        # The answer reflects the last failure: 504 for a timeout, 502 for a refusal.
+        failure = (502, "upstream_unreachable", "no address")
         budget_end = time.monotonic() + 2 * limits.connect_timeout
         for address in addresses:
             remaining = min(limits.connect_timeout, budget_end - time.monotonic())
             if remaining <= 0:
-                timed_out = True
+                failure = (504, "upstream_timeout", "connect budget used up: " + failure[2])
                 break
             started = time.monotonic()
             family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
@@ -615,10 +615,12 @@ class ClientConnection(asyncio.Protocol):
                         lambda: UpstreamConnection(self), str(address), port, family=family
                     )
             except TimeoutError:
-                timed_out, last_error = True, f"connect to {_hostport(address, port)} timed out"
+                message = f"connect to {_hostport(address, port)} timed out"
+                failure = (504, "upstream_timeout", message)
                 continue
             except OSError as exc:
-                last_error = f"connect to {_hostport(address, port)}: {exc.strerror or exc}"
+                message = f"connect to {_hostport(address, port)}: {exc.strerror or exc}"
+                failure = (502, "upstream_unreachable", message)
                 continue
             self.server.metrics.upstream_connect.observe(time.monotonic() - started)
             if self.phase == CLOSED:  # the client left while we dialled
@@ -629,10 +631,7 @@ class ClientConnection(asyncio.Protocol):
             self.server.metrics.tunnels_active.inc()
             self.record["upstream"] = _hostport(address, port)
             return True
-        if timed_out and "timed out" in last_error:
-            self.respond(504, "upstream_timeout", last_error)
-        else:
-            self.respond(502, "upstream_unreachable", last_error)
+        self.respond(*failure)
         return False
 
     def _start_tunnel(self) -> None:
@@ -720,10 +719,8 @@ class ClientConnection(asyncio.Protocol):
         self.record["message"] = message
         if counted is not None:
             self.server.metrics.count_request(counted.verdict, counted.policy or "", counted.reason)
-        elif status >= 500 or reason != REASON_BAD_REQUEST:
-            self.server.metrics.count_request("deny", "", reason)
         else:
-            self.server.metrics.count_request("deny", "", REASON_BAD_REQUEST)
+            self.server.metrics.count_request("deny", "", reason)
         if transport is None or transport.is_closing():
             return
         body = (message + "\n").encode("utf-8", "replace")

@@ -20,7 +20,6 @@ import asyncio
 import base64
 import json
 import logging
-import ssl
 from pathlib import Path
 
 import aiohttp
@@ -166,15 +165,7 @@ class ConfigMapSource:
         self.name = name
         self.state = state
         self.access = access
-        self.server = access.server
         self.retry_interval = retry_interval
-        self.connected = False
-
-    def _ssl(self) -> ssl.SSLContext:
-        return self.access.ssl_context()
-
-    def _headers(self) -> dict[str, str]:
-        return self.access.headers()  # re-reads the token file: projected tokens rotate
 
     async def _apply(self, obj: dict[str, object]) -> None:
         source = f"configmap {self.namespace}/{self.name}"
@@ -190,22 +181,21 @@ class ConfigMapSource:
         await self.state.apply(bundle, source=source)
 
     async def run(self) -> None:
-        url = f"{self.server}/api/v1/namespaces/{self.namespace}/configmaps"
+        url = f"{self.access.server}/api/v1/namespaces/{self.namespace}/configmaps"
         selector = f"metadata.name={self.name}"
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=330)
         delay = self.retry_interval
         while True:
             try:
                 async with aiohttp.ClientSession(timeout=timeout) as session:
-                    ssl_context = self._ssl()
+                    ssl_context = self.access.ssl_context()
                     params = {"fieldSelector": selector}
                     async with session.get(
-                        url, params=params, headers=self._headers(), ssl=ssl_context
+                        url, params=params, headers=self.access.headers(), ssl=ssl_context
                     ) as resp:
                         if resp.status != 200:
                             raise RuntimeError(f"list: HTTP {resp.status} {await resp.text()}")
                         listing = await resp.json()
-                    self.connected = True
                     for item in listing.get("items", []):
                         await self._apply(item)
                     version = listing["metadata"]["resourceVersion"]
@@ -217,7 +207,7 @@ class ConfigMapSource:
                         "timeoutSeconds": "300",
                     }
                     async with session.get(
-                        url, params=params, headers=self._headers(), ssl=ssl_context
+                        url, params=params, headers=self.access.headers(), ssl=ssl_context
                     ) as resp:
                         if resp.status != 200:
                             raise RuntimeError(f"watch: HTTP {resp.status}")
@@ -232,7 +222,6 @@ class ConfigMapSource:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.connected = False
                 log.warning(
                     "watching configmap %s/%s failed (%s); the last good bundle stays in force;"
                     " retrying in %.0fs",

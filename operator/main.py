@@ -19,14 +19,9 @@ import secrets
 import sys
 from collections.abc import Sequence
 
+from tidegate.gateway.cli import listen_address
+
 from .render import DEFAULT_IMAGE
-
-
-def _host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def _positive_int(text: str) -> int:
@@ -124,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--metrics-listen",
-        type=_host_port,
+        type=listen_address,
         default=("0.0.0.0", 9090),
         metavar="HOST:PORT",
         help="where to serve Prometheus /metrics (default: 0.0.0.0:9090)",
