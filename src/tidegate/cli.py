@@ -9,9 +9,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tidegate import __version__
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["--version"], ["-V"]):
+        # Answered before the subcommand machinery: image smoke tests and support scripts
+        # rely on it being cheap (no kopf, no uvloop import) and always available.
+        print(f"tidegate {__version__}")
+        return 0
     if argv[:1] == ["operator"]:
         from tidegate.operator.main import run
 
@@ -19,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from tidegate.gateway import cli
 
     parser = argparse.ArgumentParser(prog="tidegate", description=__doc__)
+    parser.add_argument("-V", "--version", action="version", version=f"tidegate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     cli.add_gateway_parser(sub)
     cli.add_check_parser(sub)
