@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .bundle import Bundle, load_bundle
 from .documents import PolicyError
 from .engine import Engine
 from .hosts import HostError, normalize_host, split_host_port
@@ -170,26 +171,145 @@ def run_check_command(args: argparse.Namespace) -> int:
     return 0 if decision.allowed else 1
 
 
+def _hours(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of hours")
+    return value
+
+
+def _threshold(text: str) -> int:
+    if not text.isdigit() or int(text) < 2:
+        raise argparse.ArgumentTypeError("the wildcard threshold is a whole number, at least 2")
+    return int(text)
+
+
 def add_suggest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("suggest", help="turn access logs into an EgressPolicy")
-    p.add_argument("logs", nargs="*", type=Path, help="log files (default: stdin)")
-    p.add_argument("--name", default="suggested")
-    p.add_argument("--namespace", default="default")
+    from .suggest import DEFAULT_PREFIX_V4, DEFAULT_PREFIX_V6, DEFAULT_SINCE_HOURS
+
+    p = sub.add_parser(
+        "suggest",
+        help="turn access logs into EgressPolicy YAML; with --against, what enforcing breaks",
+        description="Read JSON access logs (files, gzip files, or stdin) and print EgressPolicy "
+        "YAML allowing what the gateway let through (allowed and would-deny requests; never "
+        "denied ones, never what a deny rule refused). With --against, print what enforcing "
+        "the current policies would deny, and rules for exactly that difference.",
+    )
+    p.add_argument(
+        "logs", nargs="*", type=Path, help="log files, gzip or plain (default or -: stdin)"
+    )
+    p.add_argument("--name", default="suggested", help="policy name (default: suggested)")
+    p.add_argument(
+        "--namespace", default="default", help="namespace of per-range policies (default: default)"
+    )
     p.add_argument(
         "--wildcard-threshold",
-        type=int,
+        type=_threshold,
         default=3,
-        help="this many sibling names under one parent become *.parent",
+        metavar="N",
+        help="N or more sibling names under one parent become *.parent, where the Public "
+        "Suffix List allows a wildcard (default 3)",
     )
+    p.add_argument(
+        "--group-by",
+        choices=("auto", "namespace", "range", "none"),
+        default="auto",
+        help="one policy per client namespace (when the log carries it), per client range, or "
+        "one for all (default auto: namespace if known, else range)",
+    )
+    p.add_argument(
+        "--prefix-v4",
+        type=int,
+        default=DEFAULT_PREFIX_V4,
+        metavar="BITS",
+        help=f"client range size for IPv4 clients (default /{DEFAULT_PREFIX_V4})",
+    )
+    p.add_argument(
+        "--prefix-v6",
+        type=int,
+        default=DEFAULT_PREFIX_V6,
+        metavar="BITS",
+        help=f"client range size for IPv6 clients (default /{DEFAULT_PREFIX_V6})",
+    )
+    p.add_argument(
+        "--against",
+        type=Path,
+        metavar="DIR|BUNDLE",
+        help="the current policies (a folder of YAML, or a bundle file such as the bundle "
+        "ConfigMap's content): report what enforcing them would deny",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="with --against: exit 1 when enforcing would break anything seen in the last "
+        "--since hours",
+    )
+    p.add_argument(
+        "--since",
+        type=_hours,
+        default=DEFAULT_SINCE_HOURS,
+        metavar="HOURS",
+        help=f"window of --check (default {DEFAULT_SINCE_HOURS:g})",
+    )
+    p.add_argument("--json", action="store_true", help="with --against: the breakage as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
+
+
+def _load_against(path: Path) -> Bundle:
+    if path.is_dir():
+        return bundle_from_documents(read_policy_dir(path), generation=1)
+    return load_bundle(path.read_bytes(), source=str(path))
 
 
 def run_suggest_command(args: argparse.Namespace) -> int:
-    from .suggest import read_log_lines, suggest_policy
+    import time
 
-    lines = read_log_lines(args.logs) if args.logs else sys.stdin
-    sys.stdout.write(
-        suggest_policy(
-            lines, name=args.name, namespace=args.namespace, threshold=args.wildcard_threshold
+    from .suggest import observe, read_log_lines, recent, render
+
+    if args.check and args.against is None:
+        print("error: --check needs --against DIR|BUNDLE", file=sys.stderr)
+        return 2
+    if not (0 <= args.prefix_v4 <= 32 and 0 <= args.prefix_v6 <= 128):
+        print("error: --prefix-v4 is 0..32 and --prefix-v6 is 0..128", file=sys.stderr)
+        return 2
+    try:
+        against = _load_against(args.against) if args.against is not None else None
+        progress = None if args.no_progress or not sys.stderr.isatty() else sys.stderr
+        lines = read_log_lines(args.logs or [None], progress=progress)
+        seen = observe(
+            lines, group_by=args.group_by, prefix_v4=args.prefix_v4, prefix_v6=args.prefix_v6
         )
+    except (PolicyError, OSError, EOFError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text, breakage = render(
+        seen,
+        name=args.name,
+        namespace=args.namespace,
+        threshold=args.wildcard_threshold,
+        against=against,
     )
+    fresh = recent(breakage, since_hours=args.since, now=time.time())
+    if args.json and against is not None:
+        print(
+            json.dumps(
+                {
+                    "breakage": [b.to_json() for b in breakage],
+                    "recent": len(fresh),
+                    "sinceHours": args.since,
+                },
+                indent=2,
+            )
+        )
+    else:
+        sys.stdout.write(text)
+    if args.check and fresh:
+        print(
+            f"enforcing would break {len(fresh)} destinations seen in the last {args.since:g}h",
+            file=sys.stderr,
+        )
+        return 1
     return 0
