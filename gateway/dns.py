@@ -11,6 +11,7 @@ the system resolver would.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import os
 import time
@@ -109,7 +110,7 @@ class Resolver:
         self.timeout = timeout
         self._clock = clock
         self._cache: dict[str, _Entry] = {}
-        self._inflight: dict[str, asyncio.Future[tuple[IPAddress, ...]]] = {}
+        self._inflight: dict[str, asyncio.Task[tuple[IPAddress, ...]]] = {}
         self._hosts = None if settings.servers else (hosts or HostsFile())
         if settings.servers:
             self._resolver = dns.asyncresolver.Resolver(configure=False)
@@ -145,25 +146,28 @@ class Resolver:
         return None
 
     async def resolve(self, name: str) -> tuple[IPAddress, ...]:
-        """Addresses for ``name`` (IPv4 first), from cache when fresh."""
+        """Addresses for ``name`` (IPv4 first), from cache when fresh.
+
+        Concurrent callers for one name share one lookup. The lookup runs as its own task,
+        bounded by the resolver's lifetime, and every caller waits on it through a shield:
+        a caller that gives up (its own timeout, its client gone) cancels only its wait,
+        never the lookup the others are waiting for.
+        """
         found = self.cached(name)
         if found is not None:
             return found
-        pending = self._inflight.get(name)
-        if pending is not None:  # coalesce concurrent lookups of one name
-            return await asyncio.shield(pending)
-        future: asyncio.Future[tuple[IPAddress, ...]] = asyncio.get_running_loop().create_future()
-        self._inflight[name] = future
-        try:
-            result = await self._lookup(name)
-            future.set_result(result)
-            return result
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved; waiters re-raise it themselves
-            raise
-        finally:
+        task = self._inflight.get(name)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._lookup(name))
+            self._inflight[name] = task
+            task.add_done_callback(functools.partial(self._done, name))
+        return await asyncio.shield(task)
+
+    def _done(self, name: str, task: asyncio.Task[tuple[IPAddress, ...]]) -> None:
+        if self._inflight.get(name) is task:
             del self._inflight[name]
+        if not task.cancelled():
+            task.exception()  # retrieved: each waiter re-raises it; nobody left is not an error
 
     async def _lookup(self, name: str) -> tuple[IPAddress, ...]:
         v4, v6 = await asyncio.gather(

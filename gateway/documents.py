@@ -273,7 +273,7 @@ def _dns_server(text: str, path: str) -> str:
         raise PolicyError(
             f"{text!r} must be an IP address, optionally with :port", field=path
         ) from None
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise PolicyError(f"invalid port in {text!r}", field=path)
     return text
 

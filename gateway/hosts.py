@@ -131,7 +131,7 @@ def split_host_port(target: str) -> tuple[str, int]:
         host, sep, port_text = target.rpartition(":")
         if not sep or ":" in host:
             raise HostError(f"authority {target!r} must be host:port")
-    if not port_text.isdigit() or len(port_text) > 5:
+    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
         raise HostError(f"invalid port in {target!r}")
     port = int(port_text)
     if not 1 <= port <= 65535:

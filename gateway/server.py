@@ -2,6 +2,7 @@
 
 The process exits 0 after a SIGTERM/SIGINT drain (see ``ProxyServer.shutdown`` for the
 order), so an orchestrator's rolling update never records a failure for a clean stop.
+SIGHUP re-reads the policy sources at once, as proxies do; it never stops the process.
 """
 
 from __future__ import annotations
@@ -46,20 +47,23 @@ async def run_gateway(options: GatewayOptions) -> int:
     state = GatewayState(metrics=metrics, dns_timeout=options.limits.dns_timeout)
     access_log = AccessLog(options.access_log)
     tasks: list[asyncio.Task[None]] = []
+    polled: list[DirectorySource | BundleFileSource] = []
+    watched: list[ConfigMapSource] = []
 
     if options.policies is not None:
         directory = DirectorySource(options.policies, state, interval=options.reload_interval)
         await directory.load_once()
-        tasks.append(asyncio.create_task(directory.run()))
+        polled.append(directory)
     if options.bundle is not None:
         file_source = BundleFileSource(options.bundle, state, interval=options.reload_interval)
         await file_source.load_once()
-        tasks.append(asyncio.create_task(file_source.run()))
+        polled.append(file_source)
     if options.configmap is not None:
         namespace, name = options.configmap
         access = from_kubeconfig(options.kubeconfig) if options.kubeconfig else in_cluster()
-        source = ConfigMapSource(namespace, name, state, access=access)
-        tasks.append(asyncio.create_task(source.run()))
+        watched.append(ConfigMapSource(namespace, name, state, access=access))
+    tasks.extend(asyncio.create_task(source.run()) for source in polled)
+    tasks.extend(_watch_task(source) for source in watched)
     if state.engine is None:
         log.warning("no valid policy bundle yet: answering 503 until one loads")
 
@@ -72,6 +76,8 @@ async def run_gateway(options: GatewayOptions) -> int:
         if runner is not None and options.metrics_listen is not None:
             await web.TCPSite(runner, *options.metrics_listen).start()
             log.info("metrics and health on %s:%d", *options.metrics_listen)
+            for address in runner.addresses:
+                proxy.add_own_socket(str(address[0]), int(address[1]))
         bound = await proxy.listen(*options.listen)
     except OSError as exc:  # a port in use or not ours: say so in one line, exit non-zero
         log.error("cannot listen: %s", exc)
@@ -86,7 +92,16 @@ async def run_gateway(options: GatewayOptions) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(_reload(polled, watched, tasks))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
+    loop.remove_signal_handler(signal.SIGHUP)
     log.info("stopping: draining %d connections", len(proxy.connections))
     await proxy.shutdown()
     for task in tasks:
@@ -98,3 +113,28 @@ async def run_gateway(options: GatewayOptions) -> int:
         await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+async def _reload(
+    polled: list[DirectorySource | BundleFileSource],
+    watched: list[ConfigMapSource],
+    tasks: list[asyncio.Task[None]],
+) -> None:
+    """SIGHUP: re-read every file source now; restart the API watches (a fresh list)."""
+    log.info("SIGHUP: reloading the policy sources")
+    for source in polled:
+        try:
+            await source.reload()
+        except Exception:  # a reload must never stop the gateway
+            log.exception("reload of %s failed", source)
+    for watch in watched:
+        for i, task in enumerate(tasks):
+            if getattr(task, "source", None) is watch:
+                task.cancel()
+                tasks[i] = _watch_task(watch)
+
+
+def _watch_task(source: ConfigMapSource) -> asyncio.Task[None]:
+    task = asyncio.create_task(source.run())
+    task.source = source  # type: ignore[attr-defined]
+    return task

@@ -23,6 +23,10 @@ class Limits:
     connect_timeout: float = _limit(
         10.0, "seconds per upstream address tried (2x overall); then 504"
     )  # type: ignore[assignment]
+    working_timeout: float = _limit(
+        30.0,
+        "seconds from a complete request head to an open tunnel (DNS, connect); then 504",
+    )  # type: ignore[assignment]
     idle_timeout: float = _limit(
         300.0, "seconds without a byte either way before a tunnel is closed"
     )  # type: ignore[assignment]

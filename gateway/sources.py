@@ -64,9 +64,15 @@ class _Polling:
     """Check a file source every ``interval`` seconds; ``load_once`` does the work."""
 
     interval: float
+    _signature: object = None
 
     async def load_once(self) -> bool:
         raise NotImplementedError
+
+    async def reload(self) -> bool:
+        """Read the source now even if it looks unchanged (SIGHUP)."""
+        self._signature = None
+        return await self.load_once()
 
     async def run(self) -> None:
         while True:

@@ -7,6 +7,7 @@ import ssl
 import pytest
 
 from tidegate.gateway.httphead import HeadError, find_head_end, parse_head
+from tidegate.gateway.plainhttp import request_framing
 from tidegate.gateway.tls import NotTLS, parse_client_hello
 
 
@@ -77,5 +78,5 @@ def test_parse_connect_head() -> None:
 )
 def test_malformed_heads(raw: bytes, status: int) -> None:
     with pytest.raises(HeadError) as info:
-        parse_head(raw, max_headers=10)
+        request_framing(parse_head(raw, max_headers=10))
     assert info.value.status == status
