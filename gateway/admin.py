@@ -17,14 +17,21 @@ def make_admin_app(*, state: GatewayState, metrics: Metrics) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
-    async def readyz(request: web.Request) -> web.Response:
+    def not_ready() -> str | None:
         if state.draining:
-            return web.Response(status=503, text="draining\n")
+            return "draining"
         if state.engine is None:
-            return web.Response(status=503, text="no policy bundle loaded\n")
+            return "no policy bundle loaded"
+        return None
+
+    async def readyz(request: web.Request) -> web.Response:
+        why = not_ready()
+        if why is not None:
+            return web.Response(status=503, text=f"{why}\n")
         return web.Response(text=f"ready: bundle generation {state.generation}\n")
 
     async def metrics_handler(request: web.Request) -> web.Response:
+        metrics.ready.set(0 if not_ready() else 1)  # the same answer as /readyz
         body = generate_latest(metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

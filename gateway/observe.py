@@ -14,18 +14,24 @@ from __future__ import annotations
 import asyncio
 import bisect
 import json
+import platform
 import sys
 import time
 from collections.abc import Iterator
 from typing import IO, Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
+
+try:
+    from tidegate import __version__ as _VERSION
+except ImportError:  # pragma: no cover - the gateway package imported on its own
+    _VERSION = "unknown"
 
 FLUSH_INTERVAL = 0.2
 FLUSH_LINES = 256
@@ -93,6 +99,9 @@ _HELP = {
     "tidegate_bundle_rules": "Rules in the policy bundle in force.",
     "tidegate_bundle_reloads": "Bundle reloads by result (success, error, unchanged, stale).",
     "tidegate_connections_rejected": "Connections refused before a decision, by reason.",
+    "tidegate_connections_limit": "Open client connections allowed; beyond it new ones get 503.",
+    "tidegate_ready": "1 while /readyz answers 200 (a bundle is loaded, not draining), else 0.",
+    "tidegate_build_info": "Always 1; the labels say which tidegate and Python run.",
 }
 
 
@@ -120,8 +129,14 @@ class Metrics:
         self.bundle_rules = Value()
         self.bundle_reloads = Labelled("result")
         self.rejected = Labelled("reason")
+        self.connections_limit = Value()
+        self.ready = Value()
         self.registry = registry or CollectorRegistry(auto_describe=False)
         self.registry.register(self)
+        if registry is None:
+            # process_* (open fds against the connection limit, memory, CPU) and python_info.
+            self.registry.register(PROCESS_COLLECTOR)
+            self.registry.register(PLATFORM_COLLECTOR)
 
     def count_request(self, decision: str, policy: str, reason: str) -> None:
         requests = self.requests.children
@@ -137,10 +152,19 @@ class Metrics:
         return []
 
     def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "tidegate_build_info",
+            _HELP["tidegate_build_info"],
+            labels=["version", "component", "python"],
+        )
+        info.add_metric([_VERSION, "gateway", platform.python_version()], 1)
+        yield info
         yield from _labelled_counter("tidegate_requests", self.requests)
         for name, value in (
             ("tidegate_tunnels_active", self.tunnels_active),
             ("tidegate_connections_active", self.connections_active),
+            ("tidegate_connections_limit", self.connections_limit),
+            ("tidegate_ready", self.ready),
         ):
             gauge = GaugeMetricFamily(name, _HELP[name])
             gauge.add_metric([], value.value)

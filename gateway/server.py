@@ -44,6 +44,7 @@ class GatewayOptions:
 
 async def run_gateway(options: GatewayOptions) -> int:
     metrics = Metrics()
+    metrics.connections_limit.set(options.limits.max_connections)
     state = GatewayState(metrics=metrics, dns_timeout=options.limits.dns_timeout)
     access_log = AccessLog(options.access_log)
     tasks: list[asyncio.Task[None]] = []

@@ -187,7 +187,7 @@ class Reconciler:
     async def _orphaned(self, key: str) -> None:
         """The gateway does not exist: every policy pointing at it says so."""
         if key in self._gauged:
-            self.metrics.bundle_bytes.remove(key)
+            self.metrics.forget(key)
             self._gauged.discard(key)
         verdicts = []
         for entry in self.views.policies.get(key, ()):
@@ -254,7 +254,7 @@ class Reconciler:
             addresses=addresses,
         )
         if compiled is not None:
-            self.metrics.bundle_bytes.labels(gateway=key).set(compiled.bytes)
+            self.metrics.published(key, size=compiled.bytes, generation=compiled.generation)
             self._gauged.add(key)
         await self._write_gateway_status(body, previous, status)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +155,136 @@ def test_namespaced_objects_in_release_namespace() -> None:
             "PodDisruptionBudget",
         }:
             assert doc["metadata"]["namespace"] == "egress"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key repeated in one mapping, as kubeconform -strict and
+    kustomize do (PyYAML silently keeps the last one)."""
+
+
+def _no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    keys = [loader.construct_object(k) for k, _ in node.value]
+    repeated = {k for k in keys if keys.count(k) > 1}
+    assert not repeated, f"repeated keys {repeated} at line {node.start_mark.line + 1}"
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _no_duplicates,  # type: ignore[arg-type]
+)
+
+EVERYTHING = (
+    "metrics.serviceMonitor.enabled=true",
+    "metrics.podMonitor.enabled=true",
+    "metrics.prometheusRule.enabled=true",
+    "metrics.dashboard.enabled=true",
+    "podLabels.app\\.kubernetes\\.io/name=override-attempt",
+    "podLabels.team=egress",
+)
+
+
+@pytest.mark.parametrize("sets", [(), EVERYTHING], ids=["defaults", "everything"])
+def test_no_repeated_keys(sets: tuple[str, ...]) -> None:
+    for doc in yaml.load_all(template_text(*sets), Loader=_StrictLoader):
+        assert doc is None or doc["kind"]
+
+
+def test_operator_pod_template_labels() -> None:
+    """The pod template carries the selector labels once and no helm.sh/chart, so a chart
+    version bump alone never restarts the operator."""
+    (dep,) = by_kind(render(*EVERYTHING), "Deployment")
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert "helm.sh/chart" not in labels
+    selector = dep["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= labels.items()
+    assert labels["app.kubernetes.io/name"] == "tidegate"  # the selector wins over podLabels
+    assert labels["team"] == "egress"
+    assert "helm.sh/chart" in dep["metadata"]["labels"]
+
+
+def test_operator_readiness_probe() -> None:
+    (dep,) = by_kind(render(), "Deployment")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+
+
+def test_kube_version_requirement() -> None:
+    """The CRDs' CEL rules need Kubernetes 1.29+: older clusters are refused up front."""
+    ok = helm("template", "t", str(CHART), "--kube-version", "1.29.0", check=False)
+    assert ok.returncode == 0, ok.stderr
+    eks = helm("template", "t", str(CHART), "--kube-version", "v1.30.4-eks-a737599", check=False)
+    assert eks.returncode == 0, eks.stderr
+    old = helm("template", "t", str(CHART), "--kube-version", "1.28.9", check=False)
+    assert old.returncode != 0 and "kubeVersion" in old.stderr
+
+
+def test_works_as_a_subchart_with_globals(tmp_path: Path) -> None:
+    """A parent chart's `global:` values reach every subchart; the schema must allow them."""
+    import shutil
+
+    parent = tmp_path / "platform"
+    (parent / "charts").mkdir(parents=True)
+    shutil.copytree(CHART, parent / "charts" / "tidegate")
+    (parent / "Chart.yaml").write_text(
+        "apiVersion: v2\nname: platform\nversion: 1.0.0\n"
+        "dependencies:\n  - name: tidegate\n    version: 0.1.0\n"
+    )
+    (parent / "values.yaml").write_text(
+        "global:\n  imageRegistry: mirror.internal\n  storageClass: fast\n"
+        "tidegate:\n  operator:\n    replicas: 3\n"
+    )
+    out = helm("template", "p", str(parent), "-n", "platform").stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    (dep,) = by_kind(docs, "Deployment")
+    assert dep["spec"]["replicas"] == 3
+    (parent / "values.yaml").write_text("tidegate:\n  operator:\n    replica: 3\n")
+    assert helm("template", "p", str(parent), check=False).returncode != 0
+
+
+def test_schema_enforced_by_helm() -> None:
+    for bad in (
+        "resources.limts.cpu=1",
+        "defaultGateway.spec.mod=Audit",
+        "tolerations[0].operatr=Exists",
+        "metrics.podMonitor.interval=soon",
+    ):
+        proc = helm("template", "t", str(CHART), "--set", bad, check=False)
+        assert proc.returncode != 0, bad
+    helm("template", "t", str(CHART), "--set", "global.anything=1")
+
+
+def test_monitoring_objects() -> None:
+    docs = render(*EVERYTHING, "metrics.podMonitor.namespaces={egress,ci}")
+    (pm,) = by_kind(docs, "PodMonitor")
+    assert pm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == "tidegate-gateway"
+    assert pm["spec"]["namespaceSelector"] == {"matchNames": ["egress", "ci"]}
+    (endpoint,) = pm["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics"  # the gateway container's admin port name
+    (relabel,) = endpoint["relabelings"]
+    assert relabel["targetLabel"] == "gateway"
+    (rule,) = by_kind(docs, "PrometheusRule")
+    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert alerts == {
+        "TidegateGatewayNoReadyReplica",
+        "TidegateBundleReloadErrors",
+        "TidegateBundleGenerationLagging",
+        "TidegateDenySpike",
+        "TidegateWouldDenySpike",
+        "TidegateConnectionsNearLimit",
+        "TidegateDNSFailures",
+        "TidegateOperatorReconcileErrors",
+    }
+    runbooks = (ROOT / "docs" / "operations.md").read_text()
+    for group in rule["spec"]["groups"]:
+        for r in group["rules"]:
+            anchor = r["annotations"]["runbook_url"].rpartition("#")[2]
+            assert anchor == r["alert"].lower()
+            assert f"### {r['alert']}" in runbooks, f"no runbook section for {r['alert']}"
+            assert r["labels"]["severity"] in {"warning", "critical"}
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("dashboard")]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(cm["data"]["tidegate.json"])
+    assert dashboard["uid"] == "tidegate" and dashboard["panels"]
+    assert not {"PodMonitor", "PrometheusRule", "ServiceMonitor"} & {d["kind"] for d in render()}
+    assert not [d for d in by_kind(render(), "ConfigMap")]

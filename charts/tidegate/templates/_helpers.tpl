@@ -27,9 +27,24 @@
 helm.sh/chart: {{ include "tidegate.chart" . }}
 app.kubernetes.io/name: {{ include "tidegate.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
+{{ include "tidegate.versionLabels" . }}
+{{- end -}}
+
+{{/* Labels that say what runs, without the chart version. */}}
+{{- define "tidegate.versionLabels" -}}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: tidegate
+{{- end -}}
+
+{{/*
+Labels of the operator's pod template: the selector labels plus what runs, each key once
+(kubeconform -strict and kustomize reject a repeated key), and no helm.sh/chart, which
+would restart the pods on every chart version bump.
+*/}}
+{{- define "tidegate.podLabels" -}}
+{{- $labels := merge (fromYaml (include "tidegate.selectorLabels" .)) (fromYaml (include "tidegate.versionLabels" .)) (.Values.podLabels | default dict) -}}
+{{- toYaml $labels -}}
 {{- end -}}
 
 {{/* Selector labels of the operator pods. */}}
@@ -55,4 +70,12 @@ app.kubernetes.io/component: operator
 {{- else -}}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
+{{- end -}}
+
+{{/* Labels of one alert: its severity, then metrics.prometheusRule.alertLabels. */}}
+{{- define "tidegate.alertLabels" -}}
+severity: {{ .severity }}
+{{- with .extra }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
