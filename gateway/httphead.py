@@ -112,6 +112,9 @@ def parse_head(raw: bytes, *, max_headers: int) -> RequestHead:
                 raise HeadError("bare CR or LF in the request head")
             raise HeadError("malformed header field")
         headers.append((field[0].decode("ascii"), field[1].decode("latin-1")))
-    return RequestHead(
+    head = RequestHead(
         method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), headers
     )
+    if len(head.get_all("host")) > 1:
+        raise HeadError("more than one Host header")
+    return head

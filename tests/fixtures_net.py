@@ -390,8 +390,15 @@ class _ResetHandler(socketserver.BaseRequestHandler):
         self.request.close()
 
 
+def counting_pattern(n: int) -> bytes:
+    """``n`` bytes in which every aligned 8-byte word is its own offset: a byte lost,
+    duplicated or moved anywhere changes the result (no period a reordering could hide in)."""
+    words = (n + 7) // 8
+    return b"".join(i.to_bytes(8, "big") for i in range(0, words * 8, 8))[:n]
+
+
 class _SourceHandler(socketserver.BaseRequestHandler):
-    """Read ``<n>\\n``, then send ``n`` bytes (a repeating pattern) and close."""
+    """Read ``<n>\\n``, then send ``n`` bytes of :func:`counting_pattern` and close."""
 
     server: _Server
 
@@ -405,12 +412,9 @@ class _SourceHandler(socketserver.BaseRequestHandler):
                 if not chunk:
                     return
                 line += chunk
-            left = int(line)
-            block = bytes(range(256)) * 256
-            while left > 0:
-                piece = block[: min(left, len(block))]
-                self.request.sendall(piece)
-                left -= len(piece)
+            data = counting_pattern(int(line))
+            for i in range(0, len(data), 65536):
+                self.request.sendall(data[i : i + 65536])
             self.request.shutdown(socket.SHUT_WR)
 
 
