@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover - the gateway package imported on its ow
     _VERSION = "unknown"
 
 FLUSH_INTERVAL = 0.2
+RELOAD_RESULTS = ("success", "error", "unchanged", "stale")
 FLUSH_LINES = 256
 
 
@@ -128,6 +129,10 @@ class Metrics:
         self.bundle_generation = Value()
         self.bundle_rules = Value()
         self.bundle_reloads = Labelled("result")
+        # Every result from zero: a series that first appears at 1 has no increase() in
+        # Prometheus, so the first reload error would never alert.
+        for result in RELOAD_RESULTS:
+            self.bundle_reloads.labels(result)
         self.rejected = Labelled("reason")
         self.connections_limit = Value()
         self.ready = Value()

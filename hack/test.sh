@@ -51,6 +51,14 @@ else
         || fail "test control plane (hack/control-plane/build.sh; its log names the failing part)"
 fi
 
+echo "==> chart tools (kubeconform, promtool): build or reuse the cache"
+# Built from their Go modules (hack/tools/versions.env); promtool's first build takes 8-18
+# minutes on 2 cores. The chart tests need both: a missing tool fails them, never skips.
+bash hack/tools/build.sh \
+    || { echo "==> chart tools build failed; retrying once in 20 s" >&2; sleep 20; \
+         bash hack/tools/build.sh; } \
+    || fail "chart tools (hack/tools/build.sh; its log names the failing part)"
+
 if [ "${TIDEGATE_SKIP_IMAGE:-}" = 1 ]; then
     opted_out TIDEGATE_SKIP_IMAGE "the tests that run the image as containers"
 else
