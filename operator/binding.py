@@ -35,6 +35,7 @@ class PolicyEntry:
     status_gateway: str | None = None
     status_observed: int | None = None
     status_rules: int | None = None
+    status_audit: Mapping[str, Any] | None = None
     body_ref: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -79,6 +80,7 @@ def make_entry(body: Mapping[str, Any], *, default_gateway: str = DEFAULT_GATEWA
         status_gateway=status.get("gateway"),
         status_observed=observed if isinstance(observed, int) else None,
         status_rules=rules if isinstance(rules, int) else None,
+        status_audit=status.get("audit") if isinstance(status.get("audit"), Mapping) else None,
         body_ref={
             "apiVersion": body.get("apiVersion", "tidegate.io/v1alpha1"),
             "kind": body.get("kind", "EgressPolicy"),

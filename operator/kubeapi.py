@@ -168,6 +168,7 @@ _PLURALS = {
     "EgressPolicy": "egresspolicies",
     "EgressGateway": "egressgateways",
     "Namespace": "namespaces",
+    "Pod": "pods",
 }
 
 
@@ -255,6 +256,12 @@ class KubeClient:
                 return dict(json.loads(text)) if text else {}
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ApiError(503, f"{type(exc).__name__}: {exc}", "Unavailable") from exc
+
+    async def list(self, path: str, *, label_selector: str) -> list[dict[str, Any]]:
+        """The items of a collection that match ``label_selector``."""
+        found = await self.request("GET", path, params={"labelSelector": label_selector})
+        items = found.get("items") or []
+        return [dict(i) for i in items if isinstance(i, dict)]
 
     async def get(self, path: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""

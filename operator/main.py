@@ -147,6 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-check every gateway this often, whatever happens (default: 60)",
     )
     parser.add_argument(
+        "--audit-interval",
+        type=_positive_int,
+        default=60,
+        metavar="SECONDS",
+        help="gather each gateway's denied/would-deny record from its Ready pods into the "
+        "policies' status.audit this often (default: 60)",
+    )
+    parser.add_argument(
+        "--ready-to-enforce-after",
+        type=_positive_int,
+        default=24 * 3600,
+        metavar="SECONDS",
+        help="an Audit policy whose gateway pods saw no would-deny for this long gets the "
+        "condition ReadyToEnforce=True and an Event (default: 86400, one day)",
+    )
+    parser.add_argument(
         "--verbose",
         "-v",
         action="store_true",
@@ -181,7 +197,12 @@ def run(argv: Sequence[str]) -> int:
     settings.peering.lifetime = args.peering_lifetime
     runtime = handlers.Runtime(
         kubeconfig=args.kubeconfig,
-        settings=Settings(gateway_image=args.gateway_image, default_gateway=args.default_gateway),
+        settings=Settings(
+            gateway_image=args.gateway_image,
+            default_gateway=args.default_gateway,
+            audit_interval_seconds=float(args.audit_interval),
+            ready_to_enforce_after_seconds=float(args.ready_to_enforce_after),
+        ),
         resync_seconds=args.resync_seconds,
     )
     host, port = args.metrics_listen

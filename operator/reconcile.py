@@ -29,6 +29,15 @@ from tidegate.gateway.bundle import load_bundle
 from tidegate.gateway.documents import PolicyError, parse_gateway
 from tidegate.gateway.model import Gateway, Policy
 
+from .auditgather import (
+    CONDITION,
+    Gathered,
+    audit_status,
+    fetch_reports,
+    gather_from,
+    same_audit,
+    targets,
+)
 from .binding import DEFAULT_GATEWAY, PolicyEntry, Verdict, bind
 from .bundlemap import (
     BundleTooLarge,
@@ -75,6 +84,10 @@ class Settings:
     default_gateway: str = DEFAULT_GATEWAY
     debounce_seconds: float = 0.2
     max_backoff_seconds: float = 60.0
+    #: How often the gateway pods' audit records are gathered (at most once per pass).
+    audit_interval_seconds: float = 60.0
+    #: An Audit policy with no would-deny for this long gets ReadyToEnforce True.
+    ready_to_enforce_after_seconds: float = 24 * 3600.0
 
 
 def _first(store: Iterable[Any] | None) -> Any:
@@ -114,6 +127,8 @@ class Reconciler:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._hpa_absent: set[str] = set()
         self._gauged: set[str] = set()
+        self._audit_due: dict[str, float] = {}  # gateway key -> monotonic time of next gather
+        self._pods_forbidden_logged = False
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -223,7 +238,8 @@ class Reconciler:
             gateway, names, owner, previous
         )
         deployment, service = await self._apply_workload(gateway, names, owner)
-        await self._write_policy_statuses(binding_verdicts)
+        gathered = await self._gather_audit(names, binding_verdicts)
+        await self._write_policy_statuses(binding_verdicts, gathered)
 
         ready_replicas = ready_replicas_of(deployment)
         addresses = addresses_of(service)
@@ -403,6 +419,61 @@ class Reconciler:
             self._hpa_absent.add(names.key)
         return deployment, service
 
+    # --- the audit record ---------------------------------------------------------------------
+
+    async def _gather_audit(self, names: Names, verdicts: list[Verdict]) -> Gathered | None:
+        """The gateway pods' merged record, when a gather is due (else None: keep status)."""
+        now = time.monotonic()
+        if now < self._audit_due.get(names.key, 0.0):
+            return None
+        self._audit_due[names.key] = now + self.settings.audit_interval_seconds
+        selector = ",".join(f"{k}={v}" for k, v in sorted(names.selector().items()))
+        try:
+            pods = await self.client.list(
+                resource_path("v1", "Pod", names.namespace), label_selector=selector
+            )
+        except ApiError as exc:
+            if exc.status == 403 and not self._pods_forbidden_logged:
+                self._pods_forbidden_logged = True
+                log.warning("cannot list gateway pods (%s): no audit record in status", exc)
+            elif exc.status != 403:
+                log.warning("listing the pods of gateway %s failed: %s", names.key, exc)
+            return None
+        found, total = targets(pods)
+        reports, errors = await fetch_reports(found)
+        for error in errors:
+            log.info("audit record of gateway %s: %s", names.key, error)
+        keys = [v.entry.key for v in verdicts if v.compiled is not None]
+        return gather_from(
+            reports, errors=errors, pods_ready=len(found), pods_total=total, keys=keys
+        )
+
+    def _with_audit(
+        self, verdict: Verdict, desired: dict[str, Any], gathered: Gathered
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """Add ``status.audit`` and ReadyToEnforce to ``desired``; (old, new) condition."""
+        entry = verdict.entry
+        policy = verdict.compiled
+        if policy is None:
+            return None, None
+        previous = next((c for c in entry.conditions if c.get("type") == CONDITION), None)
+        audit, condition = audit_status(
+            key=entry.key,
+            mode=policy.mode,
+            gathered=gathered,
+            previous_audit=entry.status_audit,
+            previous_condition=previous,
+            generation=entry.generation,
+            quiet_seconds=self.settings.ready_to_enforce_after_seconds,
+            now=time.time(),
+        )
+        if same_audit(entry.status_audit, audit) and entry.status_audit is not None:
+            audit["observedAt"] = entry.status_audit.get("observedAt", audit["observedAt"])
+        desired["audit"] = audit
+        others = [c for c in desired["conditions"] if c.get("type") != CONDITION]
+        desired["conditions"] = others + ([condition] if condition is not None else [])
+        return (dict(previous) if previous else None), condition
+
     # --- status -----------------------------------------------------------------------------
 
     async def _write_gateway_status(
@@ -435,17 +506,23 @@ class Reconciler:
                 kind = "Normal"
             self.emit(body, type=kind, reason=new_ready["reason"], message=new_ready["message"])
 
-    async def _write_policy_statuses(self, verdicts: list[Verdict]) -> None:
+    async def _write_policy_statuses(
+        self, verdicts: list[Verdict], gathered: Gathered | None = None
+    ) -> None:
         semaphore = asyncio.Semaphore(STATUS_CONCURRENCY)
 
         async def one(verdict: Verdict) -> None:
             entry = verdict.entry
             desired = policy_status_from_verdict(verdict)
+            old_cond = new_cond = None
+            if gathered is not None:
+                old_cond, new_cond = self._with_audit(verdict, desired, gathered)
             current = {
                 "observedGeneration": entry.status_observed,
                 "gateway": entry.status_gateway,
                 "rules": entry.status_rules,
                 "conditions": list(entry.conditions),
+                "audit": entry.status_audit,
             }
             if not status_differs(current, desired):
                 return
@@ -459,6 +536,7 @@ class Reconciler:
                     if exc.status == 404:
                         return
                     raise
+            self._ready_to_enforce_event(entry.body_ref, old_cond, new_cond)
             old = _ready_of(entry.conditions) or {}
             new = desired["conditions"][0]
             if (old.get("reason"), old.get("message")) != (new["reason"], new["message"]):
@@ -470,6 +548,24 @@ class Reconciler:
                 )
 
         await asyncio.gather(*(one(v) for v in verdicts))
+
+    def _ready_to_enforce_event(
+        self,
+        ref: Mapping[str, Any],
+        old: Mapping[str, Any] | None,
+        new: Mapping[str, Any] | None,
+    ) -> None:
+        """An Event when ReadyToEnforce turns True, and when it stops being True."""
+        if new is None or not _transition(old, new):
+            return
+        if new["status"] == "True":
+            self.emit(ref, type="Normal", reason="ReadyToEnforce", message=new["message"])
+        elif (old or {}).get("status") == "True":
+            self.emit(ref, type="Normal", reason=new["reason"], message=new["message"])
+
+
+def _transition(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> bool:
+    return new is not None and (old or {}).get("status") != new.get("status")
 
 
 def _keep_foreign_metadata(obj: dict[str, Any], live: Mapping[str, Any]) -> None:

@@ -64,7 +64,10 @@ def policy_status(
                 generation=generation,
                 previous=previous,
                 now=now,
-            )
+            ),
+            # Other conditions (ReadyToEnforce) are written with the audit record; a merge
+            # patch replaces the whole list, so they are carried over here.
+            *(dict(c) for c in previous if c.get("type") != "Ready"),
         ],
     }
     status["rules"] = rules if rules is not None else 0

@@ -93,7 +93,7 @@ def test_crd_identity(kind: str) -> None:
 @pytest.mark.parametrize(
     ("kind", "columns"),
     [
-        ("EgressPolicy", ["Mode", "Gateway", "Rules", "Ready", "Age"]),
+        ("EgressPolicy", ["Mode", "Gateway", "Rules", "Ready", "Would-Deny", "Age"]),
         ("EgressGateway", ["Mode", "Replicas", "Addresses", "Policies", "Ready", "Age"]),
     ],
 )
