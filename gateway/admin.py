@@ -1,4 +1,8 @@
-"""The admin server on its own port: /metrics, /healthz, /readyz (aiohttp).
+"""The admin server on its own port: /metrics, /healthz, /readyz, /audit (aiohttp).
+
+``/audit`` is the per-policy record of denied and would-deny destinations (top ``?top=N``,
+default 20, at most the record's capacity) as JSON; the operator gathers it from every
+Ready gateway pod into the policies' status.
 
 Kept apart from the proxy port so a client of the proxy can never reach it, and so a
 saturated proxy port does not make the pod look dead.
@@ -6,9 +10,12 @@ saturated proxy port does not make the pod look dead.
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .auditrecord import DEFAULT_TOP
 from .observe import Metrics
 from .state import GatewayState
 
@@ -35,8 +42,17 @@ def make_admin_app(*, state: GatewayState, metrics: Metrics) -> web.Application:
         body = generate_latest(metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def audit_handler(request: web.Request) -> web.Response:
+        text = request.query.get("top", str(DEFAULT_TOP))
+        if not text.isdigit():
+            return web.Response(status=400, text="top must be a whole number\n")
+        top = min(int(text), metrics.audit.capacity)
+        report = metrics.audit.report(top=top, now=time.time(), generation=state.generation)
+        return web.json_response(report)
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/audit", audit_handler)
     return app

@@ -13,14 +13,25 @@ a refusal always carry the same decision and reason.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import urlsplit
 
 from .access import AccessRecord
 from .addresses import IPAddress
+from .auditrecord import AuditRecord as AuditRecord
 from .dns import ResolveError, Resolver
-from .engine import REASON_BAD_REQUEST, REASON_PRIVATE, Decision, Engine
+from .engine import (
+    REASON_BAD_REQUEST,
+    REASON_NO_MATCH,
+    REASON_PORT,
+    REASON_PRIVATE,
+    REASON_RULE_DENY,
+    Decision,
+    Engine,
+)
 from .hosts import Host, HostError, normalize_host, split_host_port
 from .httphead import HeadError, RequestHead, parse_head
 from .observe import Metrics
@@ -30,6 +41,12 @@ from .settings import Limits
 REASON_DNS_ERROR = "dns_error"
 REASON_DNS_TIMEOUT = "dns_timeout"
 REASON_OWN_ADDRESS = "own_address"  # the destination is one of the gateway's own sockets
+
+#: Engine decisions that go into the per-policy denied/would-deny record: the ones about
+#: the destination (a client outside clientCIDRs is about the client, not the policy).
+RECORDED_REASONS = frozenset({REASON_RULE_DENY, REASON_NO_MATCH, REASON_PORT})
+#: A no-match decision is about every policy governing the client; at most this many get it.
+MAX_ATTRIBUTED_POLICIES = 16
 
 #: (address, port) -> True when it is one of the gateway's own listening sockets.
 OwnSocketCheck = Callable[[IPAddress, int], bool]
@@ -90,6 +107,8 @@ async def admit(
     decision = engine.decide(client, host, port)
     record.decision, record.reason = decision.verdict, decision.reason
     record.policy, record.rule = decision.policy, decision.rule
+    if decision.verdict != "allow" and decision.reason in RECORDED_REASONS:
+        record_denial(metrics.audit, engine, client, decision, host.name, port)
     if not decision.allowed:
         return Refusal(403, decision.reason, decision.message, decision)
     found = await resolve(host, resolver=resolver, limits=limits, metrics=metrics)
@@ -120,6 +139,28 @@ async def admit(
         plain = PlainRequest(text, framing)
     sni = path is None and port == 443 and engine.gateway.require_sni_match and host.kind == "name"
     return Tunnel(host, port, tuple(addresses), decision, plain, sni)
+
+
+def record_denial(
+    audit: AuditRecord,
+    engine: Engine,
+    client: IPAddress,
+    decision: Decision,
+    host: str,
+    port: int,
+) -> None:
+    """Count a deny or would-deny against the policy it is about.
+
+    A rule's decision names its policy. A no-match one names none: it is about every
+    policy governing the client (each of them would have to allow it), in Audit mode the
+    ones whose enforcing would deny it.
+    """
+    if decision.policy is not None:
+        keys: list[str] = [decision.policy]
+    else:
+        keys = engine.governing_keys(client)[:MAX_ATTRIBUTED_POLICIES]
+    verdict: Literal["deny", "audit"] = "deny" if decision.verdict == "deny" else "audit"
+    audit.record(keys, host, port, verdict=verdict, reason=decision.reason, now=time.time())
 
 
 async def resolve(

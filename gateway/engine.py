@@ -134,6 +134,13 @@ class Engine:
             return False
         return bool(self._everyone) or self._sourced.contains(client)
 
+    def governing_keys(self, client: IPAddress | None, identity: object = None) -> list[str]:
+        """Every policy that governs the client, by key (who a no-match decision is about)."""
+        members = set(self._everyone)
+        if client is not None:
+            members.update(self._sourced.lookup(_unmap(client)))
+        return sorted(self.policies[i].key for i in members)
+
     # --- the decision ------------------------------------------------------------------------
 
     def client_allowed(self, client: IPAddress) -> bool:

@@ -33,6 +33,8 @@ try:
 except ImportError:  # pragma: no cover - the gateway package imported on its own
     _VERSION = "unknown"
 
+from .auditrecord import DEFAULT_CAPACITY, AuditRecord
+
 FLUSH_INTERVAL = 0.2
 RELOAD_RESULTS = ("success", "error", "unchanged", "stale")
 FLUSH_LINES = 256
@@ -89,6 +91,11 @@ class Histogram:
 
 
 _HELP = {
+    "tidegate_policy_would_deny": (
+        "Requests let through in Audit mode that enforcing this policy would deny (labels: "
+        "the policies of the bundle only)."
+    ),
+    "tidegate_policy_denied": "Requests denied under this policy (policy, no-match, port).",
     "tidegate_requests": "Proxy requests (CONNECT or plain HTTP) by decision, policy, reason.",
     "tidegate_tunnels_active": "Open tunnels: client connections with a destination dialled.",
     "tidegate_connections_active": "Open client connections, tunnels and heads in progress.",
@@ -115,8 +122,16 @@ class Metrics:
     scrape time.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        audit_destinations: int = DEFAULT_CAPACITY,
+    ) -> None:
         self.requests = Labelled("decision", "policy", "reason")
+        # Denied and would-deny destinations per policy (served on GET /audit); its
+        # per-policy totals are the two policy-labelled counters below.
+        self.audit = AuditRecord(capacity=audit_destinations, started=time.time())
         self.tunnels_active = Value()
         self.connections_active = Value()
         self.bytes_up = Value()
@@ -206,6 +221,17 @@ class Metrics:
             yield gauge
         yield from _labelled_counter("tidegate_bundle_reloads", self.bundle_reloads)
         yield from _labelled_counter("tidegate_connections_rejected", self.rejected)
+        would_deny = CounterMetricFamily(
+            "tidegate_policy_would_deny", _HELP["tidegate_policy_would_deny"], labels=["policy"]
+        )
+        denied = CounterMetricFamily(
+            "tidegate_policy_denied", _HELP["tidegate_policy_denied"], labels=["policy"]
+        )
+        for key, summary in list(self.audit.policies.items()):
+            would_deny.add_metric([key], summary.would_deny)
+            denied.add_metric([key], summary.denied)
+        yield would_deny
+        yield denied
 
 
 def _go_float(value: float) -> str:

@@ -43,7 +43,7 @@ class GatewayOptions:
 
 
 async def run_gateway(options: GatewayOptions) -> int:
-    metrics = Metrics()
+    metrics = Metrics(audit_destinations=options.limits.audit_destinations)
     metrics.connections_limit.set(options.limits.max_connections)
     state = GatewayState(metrics=metrics, dns_timeout=options.limits.dns_timeout)
     access_log = AccessLog(options.access_log)

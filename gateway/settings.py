@@ -52,3 +52,6 @@ class Limits:
     sweep_interval: float = _limit(
         1.0, "seconds between checks of idle and header deadlines (their granularity)"
     )  # type: ignore[assignment]
+    audit_destinations: int = _limit(
+        100, "destinations tracked per policy in the denied/would-deny record (GET /audit)"
+    )  # type: ignore[assignment]

@@ -36,6 +36,8 @@ class GatewayState:
         if self.resolver is None or self.resolver.settings != bundle.gateway.dns:
             self.resolver = Resolver(bundle.gateway.dns, timeout=self.dns_timeout)
         self.engine = engine
+        # The record keeps only the policies of the bundle in force: bounded by it.
+        self.metrics.audit.retain({p.key for p in bundle.policies})
         self.generation = bundle.generation
         self.sha256 = bundle.sha256
         self.metrics.bundle_generation.set(bundle.generation)

@@ -396,16 +396,16 @@ def test_suggest_turns_an_audit_run_into_a_working_policy(
     assert _run("suggest", "--name", "learned", "--namespace", "t", stdin=log).stdout == (
         result.stdout
     )
-    suggested = yaml.safe_load(result.stdout)
+    (suggested,) = [d for d in yaml.safe_load_all(result.stdout) if d]
     assert suggested["kind"] == "EgressPolicy"
+    assert suggested["spec"]["sources"] == {"cidrs": ["127.0.0.0/24"]}
     rules = {r["host"]: r.get("ports") for r in suggested["spec"]["allow"]}
-    tls_ports = None if net.tls_port == 443 else [net.tls_port]
     assert rules == {
-        "suggest-a.test": tls_ports,
-        "suggest-b.test": tls_ports,
+        "suggest-a.test": [net.tls_port],
+        "suggest-b.test": [net.tls_port],
         "echo.test": [net.echo.port],
     }
-    assert "# 2 requests" in result.stdout
+    assert 'host: "suggest-a.test"  # 2 requests, last seen' in result.stdout
 
     enforce = gateway_factory([suggested])
     for target in (
