@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Tidegate: one image for the gateway (`tidegate gateway`) and the operator
 # (`tidegate operator`). Builds alike with BuildKit (docker buildx build) and with buildah
 # (buildah bud); docs/image.md says how, and hack/image.sh builds it for the tests.

@@ -29,7 +29,12 @@ set -Eeuo pipefail
 ROOT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${TIDEGATE_IMAGE_CACHE:-$HOME/.cache/tidegate/image}"
 STORE="$CACHE/containers"          # podman/buildah --root (images, layers)
-RUNROOT="/run/tidegate-image"      # --runroot and --tmpdir: per boot state, on tmpfs
+# --runroot and --tmpdir: per-boot state on tmpfs, one per storage (two stores must never
+# share one: a second cache, e.g. a cold-run measurement, gets its own).
+RUNROOT="/run/tidegate-image"
+if [[ "$CACHE" != "$HOME/.cache/tidegate/image" ]]; then
+    RUNROOT="$RUNROOT-$(printf '%s' "$CACHE" | sha256sum | cut -c1-8)"
+fi
 LOGS="$CACHE/logs"
 RUNTIME=/usr/sbin/runc             # crun fails on this machine's cgroups
 SUITE=bookworm
@@ -92,6 +97,17 @@ if (( ${#missing[@]} )); then
     log "installing ${missing[*]} from Debian's packages"
     run apt-update apt-get update -qq
     run apt-install env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+# The store is a cache: one left by an older layout (another runroot) is started afresh.
+STEP="container storage ($STORE)"
+if ! podman_ images >"$LOGS/storage.log" 2>&1; then
+    if grep -q "mismatch" "$LOGS/storage.log"; then
+        log "container storage was made with other settings; starting it afresh"
+        rm -rf "$STORE" "$CACHE/built"
+        mkdir -p "$STORE"
+    fi
+    run storage podman_ images
 fi
 
 # ---------------------------------------------------------------- 2. base
