@@ -254,6 +254,8 @@ _GATEWAY_WORKLOAD_FIELDS = (
     "affinity",
     "topologySpread",
     "image",
+    "egressGuard",
+    "proxyEnv",
 )
 
 

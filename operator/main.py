@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import re
 import secrets
@@ -56,6 +57,20 @@ def quiet_kopf_chatter() -> None:
     logger = logging.getLogger("kopf.objects")
     if not any(isinstance(f, HandlerChatterFilter) for f in logger.filters):
         logger.addFilter(HandlerChatterFilter())
+
+
+def _cidr(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CIDR: {exc}") from None
+
+
+def _domain(text: str) -> str:
+    name = text.strip().strip(".")
+    if not name or not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", name):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a DNS domain")
+    return name
 
 
 def _namespaced_name(text: str) -> str:
@@ -137,6 +152,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="gateway of policies without gatewayRef (default: tidegate-system/default)",
     )
     parser.add_argument(
+        "--cluster-domain",
+        type=_domain,
+        default="cluster.local",
+        help="the cluster's DNS domain, for the proxy-env ConfigMap (default: cluster.local)",
+    )
+    parser.add_argument(
+        "--service-cidr",
+        action="append",
+        type=_cidr,
+        default=[],
+        dest="service_cidrs",
+        metavar="CIDR",
+        help="the cluster's Service range, put in NO_PROXY (repeatable)",
+    )
+    parser.add_argument(
+        "--pod-cidr",
+        action="append",
+        type=_cidr,
+        default=[],
+        dest="pod_cidrs",
+        metavar="CIDR",
+        help="the cluster's pod range, put in NO_PROXY (repeatable)",
+    )
+    parser.add_argument(
         "--kubeconfig",
         help="kubeconfig file (default: in-cluster, else $KUBECONFIG or ~/.kube/config)",
     )
@@ -189,6 +228,7 @@ def run(argv: Sequence[str]) -> int:
     from prometheus_client import start_http_server
 
     from . import handlers  # registers the handlers with kopf
+    from .proxyenv import ClusterNetwork
     from .reconcile import Settings
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON, log_refkey="object")
@@ -202,6 +242,11 @@ def run(argv: Sequence[str]) -> int:
             default_gateway=args.default_gateway,
             audit_interval_seconds=float(args.audit_interval),
             ready_to_enforce_after_seconds=float(args.ready_to_enforce_after),
+            network=ClusterNetwork.from_environment(
+                domain=args.cluster_domain,
+                service_cidrs=args.service_cidrs,
+                pod_cidrs=args.pod_cidrs,
+            ),
         ),
         resync_seconds=args.resync_seconds,
     )

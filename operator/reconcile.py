@@ -47,12 +47,15 @@ from .bundlemap import (
     read_stored,
     render_bundle_configmap,
 )
+from .exposure import CONDITION_CLIENTS_IDENTIFIED, assess_client_identity
 from .kubeapi import ApiError, KubeClient, path_of, resource_path
 from .metrics import Metrics
+from .proxyenv import ClusterNetwork
 from .render import DEFAULT_IMAGE, Names, Owner, render_workload
 from .status import (
     addresses_of,
     bundle_status,
+    condition,
     gateway_readiness,
     gateway_status,
     policy_status,
@@ -88,14 +91,19 @@ class Settings:
     audit_interval_seconds: float = 60.0
     #: An Audit policy with no would-deny for this long gets ReadyToEnforce True.
     ready_to_enforce_after_seconds: float = 24 * 3600.0
+    network: ClusterNetwork = field(default_factory=ClusterNetwork)
 
 
 def _first(store: Iterable[Any] | None) -> Any:
     return next(iter(store), None) if store is not None else None
 
 
+def _condition_of(conditions: Iterable[Mapping[str, Any]], type_: str) -> Mapping[str, Any] | None:
+    return next((c for c in conditions if c.get("type") == type_), None)
+
+
 def _ready_of(conditions: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    return next((c for c in conditions if c.get("type") == "Ready"), None)
+    return _condition_of(conditions, "Ready")
 
 
 @dataclass
@@ -245,6 +253,15 @@ class Reconciler:
         addresses = addresses_of(service)
         wanted = int(((deployment or {}).get("spec") or {}).get("replicas") or 0)
         service_type = str(((service or {}).get("spec") or {}).get("type") or "ClusterIP")
+        identity = assess_client_identity(service or {})
+        identified = condition(
+            CONDITION_CLIENTS_IDENTIFIED,
+            ok=identity.identified,
+            reason=identity.reason,
+            message=identity.message,
+            generation=generation,
+            previous=previous.get("conditions") or (),
+        )
         if too_large is not None:
             ready, reason, message = False, "BundleTooLarge", str(too_large)
         else:
@@ -268,6 +285,7 @@ class Reconciler:
             bundle=bundle_status(compiled) if compiled is not None else None,
             ready_replicas=ready_replicas,
             addresses=addresses,
+            extra_conditions=[identified],
         )
         if compiled is not None:
             self.metrics.published(key, size=compiled.bytes, generation=compiled.generation)
@@ -399,6 +417,7 @@ class Reconciler:
             image=self.settings.gateway_image,
             owner=owner,
             current_replicas=current_replicas,
+            network=self.settings.network,
         )
         deployment: dict[str, Any] | None = None
         service: dict[str, Any] | None = None
@@ -406,7 +425,7 @@ class Reconciler:
             applied = await self.client.apply(obj)
             if obj["kind"] == "Deployment":
                 deployment = applied
-            elif obj["kind"] == "Service":
+            elif obj["kind"] == "Service" and obj["metadata"]["name"] == names.workload:
                 service = applied
         if autoscaling:
             self._hpa_absent.discard(names.key)
@@ -483,6 +502,10 @@ class Reconciler:
         new_ready = status["conditions"][0]
         if not status_differs(previous, status):
             return
+        old_identified = _condition_of(
+            previous.get("conditions") or (), CONDITION_CLIENTS_IDENTIFIED
+        )
+        new_identified = _condition_of(status["conditions"], CONDITION_CLIENTS_IDENTIFIED)
         path = path_of(
             {
                 "apiVersion": GROUP_VERSION,
@@ -505,6 +528,17 @@ class Reconciler:
             if new_ready["reason"] in ("Progressing", "AwaitingAddress"):
                 kind = "Normal"
             self.emit(body, type=kind, reason=new_ready["reason"], message=new_ready["message"])
+        if new_identified is not None and (
+            (old_identified or {}).get("reason") != new_identified["reason"]
+        ):
+            unidentified = new_identified["status"] != "True"
+            if unidentified or old_identified is not None:
+                self.emit(
+                    body,
+                    type="Warning" if unidentified else "Normal",
+                    reason=new_identified["reason"],
+                    message=new_identified["message"],
+                )
 
     async def _write_policy_statuses(
         self, verdicts: list[Verdict], gathered: Gathered | None = None

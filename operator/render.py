@@ -17,6 +17,10 @@ from typing import Any
 
 from tidegate.gateway.model import Gateway
 
+from .exposure import service_annotations as _service_annotations
+from .exposure import service_spec_extras
+from .proxyenv import ClusterNetwork, render_proxy_env
+
 DEFAULT_IMAGE = "tidegate:0.1.0"
 MANAGER = "tidegate-operator"
 PROXY_PORT = 3128
@@ -35,7 +39,6 @@ LABEL_GATEWAY = "tidegate.io/gateway"
 ANN_BUNDLE_SHA = "tidegate.io/bundle-sha256"
 ANN_BUNDLE_GENERATION = "tidegate.io/bundle-generation"
 
-AWS_LB = "service.beta.kubernetes.io/aws-load-balancer-"
 # Static, so they never roll the Deployment; the metrics port is never on the Service.
 SCRAPE_ANNOTATIONS = {
     "prometheus.io/scrape": "true",
@@ -65,6 +68,19 @@ class Names:
     @property
     def bundle(self) -> str:
         return f"{self.gateway}-bundle"
+
+    @property
+    def proxy_service(self) -> str:
+        """The in-cluster ClusterIP Service, whatever spec.service says."""
+        return f"{self.gateway}-proxy"
+
+    @property
+    def proxy_env(self) -> str:
+        """The ConfigMap of proxy variables for workloads' envFrom."""
+        return f"{self.gateway}-proxy-env"
+
+    def proxy_host(self, cluster_domain: str) -> str:
+        return f"{self.proxy_service}.{self.namespace}.svc.{cluster_domain}"
 
     @property
     def key(self) -> str:
@@ -119,6 +135,11 @@ def _workload(gateway: Gateway) -> Mapping[str, Any]:
 
 def _mapping(value: object) -> dict[str, Any]:
     return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _proxy_env_extras(gateway: Gateway) -> list[str]:
+    extra = _mapping(_workload(gateway).get("proxyEnv")).get("noProxy") or []
+    return [str(e) for e in extra] if isinstance(extra, list) else []
 
 
 # --- identity and RBAC --------------------------------------------------------------------
@@ -328,24 +349,15 @@ def render_deployment(
 
 def service_annotations(gateway: Gateway) -> dict[str, str]:
     """AWS Load Balancer Controller annotations derived from spec.service, plus extras."""
-    service = _mapping(_workload(gateway).get("service"))
-    annotations: dict[str, str] = {}
-    if service.get("type", "LoadBalancer") == "LoadBalancer":
-        annotations[f"{AWS_LB}type"] = "external"
-        annotations[f"{AWS_LB}nlb-target-type"] = "ip"
-        annotations[f"{AWS_LB}scheme"] = str(service.get("scheme", "internet-facing"))
-        eips = [str(e) for e in service.get("eipAllocations") or []]
-        if eips:
-            annotations[f"{AWS_LB}eip-allocations"] = ",".join(eips)
-        subnets = [str(s) for s in service.get("subnets") or []]
-        if subnets:
-            annotations[f"{AWS_LB}subnets"] = ",".join(subnets)
-    for key, value in _mapping(service.get("annotations")).items():
-        annotations[str(key)] = str(value)
-    return annotations
+    return _service_annotations(_mapping(_workload(gateway).get("service")))
+
+
+def _proxy_ports() -> list[dict[str, Any]]:
+    return [{"name": "proxy", "port": PROXY_PORT, "targetPort": "proxy", "protocol": "TCP"}]
 
 
 def render_service(gateway: Gateway, names: Names, owner: Owner | None = None) -> dict[str, Any]:
+    """The Service clients outside the cluster use (spec.service; usually a LoadBalancer)."""
     service = _mapping(_workload(gateway).get("service"))
     kind = str(service.get("type", "LoadBalancer"))
     meta = object_meta(names, owner)
@@ -355,12 +367,20 @@ def render_service(gateway: Gateway, names: Names, owner: Owner | None = None) -
     spec: dict[str, Any] = {
         "type": kind,
         "selector": names.selector(),
-        "ports": [{"name": "proxy", "port": PROXY_PORT, "targetPort": "proxy", "protocol": "TCP"}],
+        "ports": _proxy_ports(),
+        **service_spec_extras(service),
     }
-    ranges = [str(r) for r in service.get("loadBalancerSourceRanges") or []]
-    if kind == "LoadBalancer" and ranges:
-        spec["loadBalancerSourceRanges"] = ranges
     return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec}
+
+
+def render_cluster_service(names: Names, owner: Owner | None = None) -> dict[str, Any]:
+    """The in-cluster ClusterIP Service: kube-proxy only DNATs, so pod addresses arrive."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": object_meta(names, owner, names.proxy_service),
+        "spec": {"type": "ClusterIP", "selector": names.selector(), "ports": _proxy_ports()},
+    }
 
 
 def render_pdb(gateway: Gateway, names: Names, owner: Owner | None = None) -> dict[str, Any]:
@@ -416,8 +436,10 @@ def render_workload(
     image: str = DEFAULT_IMAGE,
     owner: Owner | None = None,
     current_replicas: int | None = None,
+    network: ClusterNetwork | None = None,
 ) -> list[dict[str, Any]]:
     """Everything but the bundle ConfigMap, in the order they should be applied."""
+    network = network or ClusterNetwork()
     objects = [
         render_service_account(names, owner),
         render_role(names, owner),
@@ -426,6 +448,14 @@ def render_workload(
             gateway, names, image=image, owner=owner, current_replicas=current_replicas
         ),
         render_service(gateway, names, owner),
+        render_cluster_service(names, owner),
+        render_proxy_env(
+            network=network,
+            host=names.proxy_host(network.domain),
+            port=PROXY_PORT,
+            extra_no_proxy=_proxy_env_extras(gateway),
+            meta=object_meta(names, owner, names.proxy_env),
+        ),
         render_pdb(gateway, names, owner),
     ]
     hpa = render_hpa(gateway, names, owner)

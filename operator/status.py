@@ -18,6 +18,33 @@ def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def condition(
+    type_: str,
+    *,
+    ok: bool,
+    reason: str,
+    message: str,
+    generation: int,
+    previous: Iterable[Mapping[str, Any]] = (),
+    now: str | None = None,
+) -> dict[str, Any]:
+    """One status condition; its transition time survives rewrites of the same status."""
+    status = "True" if ok else "False"
+    transition = now or now_rfc3339()
+    for cond in previous:
+        if cond.get("type") == type_ and cond.get("status") == status:
+            transition = str(cond.get("lastTransitionTime") or transition)
+            break
+    return {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": transition,
+    }
+
+
 def ready_condition(
     *,
     ready: bool,
@@ -27,20 +54,15 @@ def ready_condition(
     previous: Iterable[Mapping[str, Any]] = (),
     now: str | None = None,
 ) -> dict[str, Any]:
-    status = "True" if ready else "False"
-    transition = now or now_rfc3339()
-    for cond in previous:
-        if cond.get("type") == "Ready" and cond.get("status") == status:
-            transition = str(cond.get("lastTransitionTime") or transition)
-            break
-    return {
-        "type": "Ready",
-        "status": status,
-        "reason": reason,
-        "message": message,
-        "observedGeneration": generation,
-        "lastTransitionTime": transition,
-    }
+    return condition(
+        "Ready",
+        ok=ready,
+        reason=reason,
+        message=message,
+        generation=generation,
+        previous=previous,
+        now=now,
+    )
 
 
 def policy_status(
@@ -136,9 +158,13 @@ def gateway_status(
     bundle: Mapping[str, Any] | None = None,
     ready_replicas: int | None = None,
     addresses: list[str] | None = None,
+    extra_conditions: Sequence[Mapping[str, Any]] = (),
     now: str | None = None,
 ) -> dict[str, Any]:
-    """The EgressGateway status; fields left None keep their previous value."""
+    """The EgressGateway status; fields left None keep their previous value.
+
+    Ready comes first; ``extra_conditions`` (built with :func:`condition`) follow.
+    """
     previous = previous or {}
     status: dict[str, Any] = {
         "observedGeneration": generation,
@@ -150,7 +176,8 @@ def gateway_status(
                 generation=generation,
                 previous=previous.get("conditions") or (),
                 now=now,
-            )
+            ),
+            *(dict(c) for c in extra_conditions),
         ],
     }
     for key, value in (

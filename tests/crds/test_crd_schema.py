@@ -170,6 +170,10 @@ def test_cel_rules_present() -> None:
         for name in ("service", "autoscaling", "allowedPolicyNamespaces")
     }
     assert "size(self.eipAllocations) == size(self.subnets)" in rules["service"]
+    assert "size(self.loadBalancerSourceRanges) > 0" in rules["service"]
+    assert "aws-load-balancer-scheme' in self.annotations" in rules["service"]
+    guard = egw["egressGuard"]["properties"]["namespaceSelector"]["x-kubernetes-validations"]
+    assert "size(self.matchLabels) > 0" in guard[0]["rule"]
     assert "self.minReplicas <= self.maxReplicas" in rules["autoscaling"]
     assert "has(self.selector)" in rules["allowedPolicyNamespaces"]
     for r in (
@@ -193,7 +197,8 @@ def test_cel_rules_present() -> None:
         (("dns", "cache", "minTTLSeconds"), 5),
         (("dns", "cache", "maxTTLSeconds"), 300),
         (("service", "type"), "LoadBalancer"),
-        (("service", "scheme"), "internet-facing"),
+        (("service", "scheme"), "internal"),
+        (("service", "targetType"), "ip"),
     ],
 )
 def test_gateway_defaults(field: tuple[str, ...], expected: object) -> None:
@@ -354,6 +359,15 @@ def test_bad_policy_fields(path: tuple[str, ...], value: object) -> None:
         {"service": {"type": "ExternalName"}},
         {"service": {"scheme": "public"}},
         {"service": {"eipAllocations": ["10.0.0.1"]}},
+        {"service": {"targetType": "pod"}},
+        {"egressGuard": {"allowedCIDRs": ["10.0.0.0/8"]}},
+        {
+            "egressGuard": {
+                "namespaceSelector": {"matchLabels": {"a": "b"}},
+                "dns": {"namespace": ""},
+            }
+        },
+        {"proxyEnv": {"noProxy": [""]}},
         {"dns": {"cache": {"minTTLSeconds": -1}}},
         {"nodeSelector": {"pool": 1}},
         {"topologySpread": "region"},

@@ -97,10 +97,38 @@ def test_gateway_defaults_applied(kube: Any) -> None:
     assert spec["allowedPolicyNamespaces"] == {"from": "All"}
     assert spec["dns"]["cache"] == {"enabled": True, "minTTLSeconds": 5, "maxTTLSeconds": 300}
     assert spec["service"]["type"] == "LoadBalancer"
-    assert spec["service"]["scheme"] == "internet-facing"
+    assert spec["service"]["scheme"] == "internal"
+    assert spec["service"]["targetType"] == "ip"
+    assert spec["proxyEnv"] == {}
+    assert "egressGuard" not in spec
     assert spec["topologySpread"] == "zone"
     assert spec["tls"] == {"requireSNIMatch": True}
     assert "image" not in spec  # the operator's --gateway-image applies
+
+
+def test_internet_facing_opt_in_accepted_with_source_ranges(kube: Any) -> None:
+    spec = {
+        "service": {
+            "scheme": "internet-facing",
+            "loadBalancerSourceRanges": ["198.51.100.0/24"],
+            "eipAllocations": ["eipalloc-0a1"],
+            "subnets": ["subnet-1"],
+        },
+        "egressGuard": {
+            "namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "Exists"}]}
+        },
+    }
+    proc = create(kube, gateway(spec, name="public"))
+    assert proc.returncode == 0, proc.stderr
+    created = json.loads(proc.stdout)["spec"]
+    assert created["service"]["scheme"] == "internet-facing"
+    assert created["egressGuard"]["dns"] == {
+        "namespace": "kube-system",
+        "podLabels": {"k8s-app": "kube-dns"},
+    }
+    # a ClusterIP gateway has no load balancer, so no ranges are needed whatever the scheme
+    proc = create(kube, gateway({"service": {"type": "ClusterIP", "scheme": "internet-facing"}}))
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_gateway_image_and_tls_accepted(kube: Any) -> None:
@@ -157,6 +185,52 @@ CEL_REJECTS = [
         gateway({"service": {"scheme": "internal", "eipAllocations": ["eipalloc-0a1"]}}),
         ["internet-facing"],
         id="eip-internal",
+    ),
+    pytest.param(
+        gateway({"service": {"scheme": "internet-facing"}}),
+        ["internet-facing needs service.loadBalancerSourceRanges"],
+        id="internet-facing-without-ranges",
+    ),
+    pytest.param(
+        gateway({"service": {"scheme": "internet-facing", "loadBalancerSourceRanges": []}}),
+        ["internet-facing needs service.loadBalancerSourceRanges"],
+        id="internet-facing-empty-ranges",
+    ),
+    pytest.param(
+        gateway(
+            {
+                "service": {
+                    "scheme": "internet-facing",
+                    "eipAllocations": ["eipalloc-0a1"],
+                    "subnets": ["subnet-1"],
+                }
+            }
+        ),
+        ["internet-facing needs service.loadBalancerSourceRanges"],
+        id="eips-without-ranges",
+    ),
+    pytest.param(
+        gateway(
+            {
+                "service": {
+                    "annotations": {
+                        "service.beta.kubernetes.io/aws-load-balancer-scheme": "internet-facing"
+                    }
+                }
+            }
+        ),
+        ["set the load balancer scheme with service.scheme"],
+        id="scheme-by-annotation",
+    ),
+    pytest.param(
+        gateway({"egressGuard": {"namespaceSelector": {}}}),
+        ["egressGuard.namespaceSelector must not be empty"],
+        id="guard-empty-selector",
+    ),
+    pytest.param(
+        gateway({"egressGuard": {"namespaceSelector": {"matchLabels": {}}}}),
+        ["egressGuard.namespaceSelector must not be empty"],
+        id="guard-empty-match-labels",
     ),
     pytest.param(
         gateway({"autoscaling": {"minReplicas": 5, "maxReplicas": 3}}),

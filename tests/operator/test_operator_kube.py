@@ -132,6 +132,69 @@ def test_examples_render_everything(cluster: ControlPlane, operator: OperatorPro
         == "external"
     )
     assert not any("eip" in k for k in svc["metadata"]["annotations"])
+    # safe defaults: internal, IP targets that keep client addresses, no NodePorts
+    lb = "service.beta.kubernetes.io/aws-load-balancer-"
+    assert svc["metadata"]["annotations"][f"{lb}scheme"] == "internal"
+    assert (
+        svc["metadata"]["annotations"][f"{lb}target-group-attributes"]
+        == "preserve_client_ip.enabled=true"
+    )
+    assert svc["spec"]["allocateLoadBalancerNodePorts"] is False
+    assert not any(p.get("nodePort") for p in svc["spec"]["ports"])
+    # the in-cluster Service beside it, same pods, no load balancer
+    internal = wait_for("ClusterIP Service", lambda: get(cluster, "service", "default-proxy", NS))
+    assert internal["spec"]["type"] == "ClusterIP"
+    assert internal["spec"]["clusterIP"]
+    assert internal["spec"]["selector"] == svc["spec"]["selector"]
+    assert internal["metadata"]["ownerReferences"][0]["name"] == "default"
+    # the proxy variables for workloads' envFrom point at it
+    env = wait_for("proxy-env", lambda: get(cluster, "configmap", "default-proxy-env", NS))
+    proxy_url = "http://default-proxy.tidegate-system.svc.cluster.local:3128"
+    assert env["data"]["HTTPS_PROXY"] == proxy_url and env["data"]["http_proxy"] == proxy_url
+    assert ".cluster.local" in env["data"]["NO_PROXY"].split(",")
+    assert env["metadata"]["ownerReferences"][0]["kind"] == "EgressGateway"
+    # a workload can load it with envFrom: the API server accepts such a pod
+    cluster.apply(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "uses-proxy-env", "namespace": NS},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "app",
+                            "image": "app:1",
+                            "envFrom": [{"configMapRef": {"name": "default-proxy-env"}}],
+                            "env": [
+                                {
+                                    "name": "JAVA_TOOL_OPTIONS",
+                                    "value": "$(TIDEGATE_JAVA_OPTIONS)",
+                                }
+                            ],
+                        }
+                    ]
+                },
+            }
+        ]
+    )
+    cluster.kubectl("delete", "pod", "uses-proxy-env", "-n", NS, "--wait=false")
+    identified = wait_for(
+        "ClientsIdentified condition",
+        lambda: next(
+            (
+                c
+                for c in ((get(cluster, "egw", "default", NS) or {}).get("status") or {}).get(
+                    "conditions"
+                )
+                or []
+                if c["type"] == "ClientsIdentified"
+            ),
+            None,
+        ),
+        op=operator,
+    )
+    assert (identified["status"], identified["reason"]) == ("True", "ClientAddressPreserved")
     assert get(cluster, "pdb", "default-gateway", NS) is not None
     role = get(cluster, "role", "default-gateway", NS)
     assert role is not None and role["rules"][0]["resourceNames"] == ["default-bundle"]
@@ -380,7 +443,7 @@ def test_hand_edits_are_put_back(cluster: ControlPlane, operator: OperatorProces
         "default-gateway",
         "-n",
         NS,
-        "service.beta.kubernetes.io/aws-load-balancer-scheme=internal",
+        "service.beta.kubernetes.io/aws-load-balancer-scheme=internet-facing",
         "--overwrite",
     )
 
@@ -391,9 +454,59 @@ def test_hand_edits_are_put_back(cluster: ControlPlane, operator: OperatorProces
         scheme = svc["metadata"]["annotations"][
             "service.beta.kubernetes.io/aws-load-balancer-scheme"
         ]
-        return image == "tidegate:0.1.0" and scheme == "internet-facing"
+        return image == "tidegate:0.1.0" and scheme == "internal"
 
     wait_for("hand edits reverted", reverted, op=operator)
+
+
+def _identified(cp: ControlPlane) -> dict[str, Any]:
+    gw = get(cp, "egw", "default", NS) or {}
+    for cond in (gw.get("status") or {}).get("conditions") or []:
+        if cond["type"] == "ClientsIdentified":
+            return dict(cond)
+    return {}
+
+
+def test_unidentified_clients_are_reported(
+    cluster: ControlPlane, operator: OperatorProcess
+) -> None:
+    """What CEL cannot see (an annotation turning client-IP preservation off) becomes a
+    False condition and a Warning Event; undoing it clears both."""
+    attrs = "service.beta.kubernetes.io/aws-load-balancer-target-group-attributes"
+    patch = {"spec": {"service": {"annotations": {attrs: "preserve_client_ip.enabled=false"}}}}
+    cluster.kubectl("patch", "egw", "default", "-n", NS, "--type=merge", "-p", json.dumps(patch))
+    cond = wait_for(
+        "ClientsIdentified False",
+        lambda: c if (c := _identified(cluster)).get("status") == "False" else None,
+        op=operator,
+    )
+    assert cond["reason"] == "ClientAddressHidden"
+    assert "load balancer's private addresses" in cond["message"]
+    assert ready(get(cluster, "egw", "default", NS))["reason"] != "ClientAddressHidden"
+    wait_for(
+        "Warning Event ClientAddressHidden",
+        lambda: [
+            e
+            for e in events_for(cluster, NS, "default")
+            if e["reason"] == "ClientAddressHidden" and e["type"] == "Warning"
+        ],
+        op=operator,
+    )
+    cluster.kubectl(
+        "patch",
+        "egw",
+        "default",
+        "-n",
+        NS,
+        "--type=json",
+        "-p",
+        json.dumps([{"op": "remove", "path": "/spec/service/annotations"}]),
+    )
+    wait_for(
+        "ClientsIdentified True again",
+        lambda: _identified(cluster).get("reason") == "ClientAddressPreserved",
+        op=operator,
+    )
 
 
 def test_policy_change_bumps_bundle_without_rollout(
@@ -433,6 +546,7 @@ def test_autoscaling_and_eips(cluster: ControlPlane, operator: OperatorProcess) 
         "spec": {
             "autoscaling": {"minReplicas": 3, "maxReplicas": 6},
             "service": {
+                "scheme": "internet-facing",
                 "eipAllocations": ["eipalloc-0a1", "eipalloc-0b2"],
                 "subnets": ["subnet-1", "subnet-2"],
                 "loadBalancerSourceRanges": ["198.51.100.0/24"],
@@ -511,16 +625,16 @@ def test_restart_converges_without_duplicates(
     )
     assert gw["status"]["bundle"]["generation"] == generation + 1  # exactly one change
     selector = "-l=tidegate.io/gateway=default"
-    for kind in (
-        "deployment",
-        "service",
-        "configmap",
-        "pdb",
-        "role",
-        "rolebinding",
-        "serviceaccount",
+    for kind, count in (
+        ("deployment", 1),
+        ("service", 2),  # the load balancer and the in-cluster ClusterIP Service
+        ("configmap", 2),  # the bundle and the proxy-env
+        ("pdb", 1),
+        ("role", 1),
+        ("rolebinding", 1),
+        ("serviceaccount", 1),
     ):
-        assert len(items(cluster, kind, NS, selector)) == 1, kind
+        assert len(items(cluster, kind, NS, selector)) == count, kind
 
 
 def test_gateway_delete_cleans_up(cluster: ControlPlane, operator: OperatorProcess) -> None:
@@ -537,7 +651,9 @@ def test_gateway_delete_cleans_up(cluster: ControlPlane, operator: OperatorProce
     for kind, name in (
         ("deployment", "private-gateway"),
         ("service", "private-gateway"),
+        ("service", "private-proxy"),
         ("configmap", "private-bundle"),
+        ("configmap", "private-proxy-env"),
         ("pdb", "private-gateway"),
         ("role", "private-gateway"),
         ("rolebinding", "private-gateway"),

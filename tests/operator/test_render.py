@@ -152,17 +152,17 @@ def test_service_with_eips() -> None:
                 "eipAllocations": ["eipalloc-0a1", "eipalloc-0b2"],
                 "subnets": ["subnet-1", "subnet-2"],
                 "loadBalancerSourceRanges": ["198.51.100.0/24"],
-                "annotations": {"x/extra": "1", f"{AWS}scheme": "internal"},
+                "annotations": {"x/extra": "1", f"{AWS}type": "nlb-ip"},
             }
         }
     )
     svc = render_service(g, NAMES)
     ann = svc["metadata"]["annotations"]
-    assert ann[f"{AWS}type"] == "external"
+    assert ann[f"{AWS}type"] == "nlb-ip"  # extra annotations win
     assert ann[f"{AWS}nlb-target-type"] == "ip"
     assert ann[f"{AWS}eip-allocations"] == "eipalloc-0a1,eipalloc-0b2"
     assert ann[f"{AWS}subnets"] == "subnet-1,subnet-2"
-    assert ann[f"{AWS}scheme"] == "internal"  # extra annotations win
+    assert ann[f"{AWS}scheme"] == "internet-facing"
     assert ann["x/extra"] == "1"
     assert svc["spec"]["type"] == "LoadBalancer"
     assert svc["spec"]["loadBalancerSourceRanges"] == ["198.51.100.0/24"]
@@ -171,13 +171,21 @@ def test_service_with_eips() -> None:
     ]
 
 
-def test_service_without_eips_or_loadbalancer() -> None:
-    ann = render_service(gw(), NAMES)["metadata"]["annotations"]
+def test_service_defaults_are_internal_and_keep_client_addresses() -> None:
+    svc = render_service(gw(), NAMES)
+    ann = svc["metadata"]["annotations"]
     assert not any("eip" in k or "subnets" in k for k in ann)
-    assert ann[f"{AWS}scheme"] == "internet-facing"
+    assert ann[f"{AWS}scheme"] == "internal"
+    assert ann[f"{AWS}nlb-target-type"] == "ip"
+    assert ann[f"{AWS}target-group-attributes"] == "preserve_client_ip.enabled=true"
+    # ip targets: no NodePort on every node (reached there, clients would arrive SNATed)
+    assert svc["spec"]["allocateLoadBalancerNodePorts"] is False
+    assert "externalTrafficPolicy" not in svc["spec"]
+    assert "loadBalancerSourceRanges" not in svc["spec"]
     svc = render_service(gw({"service": {"type": "ClusterIP"}}), NAMES)
     assert "annotations" not in svc["metadata"]
     assert svc["spec"]["type"] == "ClusterIP"
+    assert "allocateLoadBalancerNodePorts" not in svc["spec"]
 
 
 def test_pdb_and_role() -> None:
