@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -156,11 +157,31 @@ def record_denial(
     ones whose enforcing would deny it.
     """
     if decision.policy is not None:
-        keys: list[str] = [decision.policy]
+        keys: tuple[str, ...] = (decision.policy,)
     else:
-        keys = engine.governing_keys(client)[:MAX_ATTRIBUTED_POLICIES]
+        keys = _governing(engine, client)
     verdict: Literal["deny", "audit"] = "deny" if decision.verdict == "deny" else "audit"
     audit.record(keys, host, port, verdict=verdict, reason=decision.reason, now=time.time())
+
+
+#: engine -> client -> the policies a no-match decision for that client is about. Clients
+#: are few and a flood of refusals must not cost a walk over the policies per request.
+_GOVERNING: weakref.WeakKeyDictionary[Engine, dict[IPAddress, tuple[str, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
+GOVERNING_CACHE_CLIENTS = 4096
+
+
+def _governing(engine: Engine, client: IPAddress) -> tuple[str, ...]:
+    cache = _GOVERNING.get(engine)
+    if cache is None:
+        cache = _GOVERNING[engine] = {}
+    keys = cache.get(client)
+    if keys is None:
+        if len(cache) >= GOVERNING_CACHE_CLIENTS:
+            cache.clear()
+        keys = cache[client] = tuple(engine.governing_keys(client)[:MAX_ATTRIBUTED_POLICIES])
+    return keys
 
 
 async def resolve(

@@ -11,6 +11,8 @@ import gzip
 import io
 import ipaddress
 import json
+import os
+import pty
 import subprocess
 import sys
 import time
@@ -323,3 +325,31 @@ def test_read_log_lines_draws_progress_only_for_large_inputs(tmp_path: Path) -> 
     stream = io.StringIO()
     assert len(list(read_log_lines([small], progress=stream))) == 1
     assert stream.getvalue() == ""
+
+
+def test_progress_bar_on_a_terminal_goes_to_stderr_only() -> None:
+    """stdin has no size, so a terminal on stderr gets the bar; stdout stays pure YAML."""
+    master, slave = pty.openpty()
+    logs = "\n".join(line(f"h{i}.example.org") for i in range(50)) + "\n"
+    try:
+        proc = subprocess.Popen(
+            [TIDEGATE, "suggest"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=slave
+        )
+        os.close(slave)
+        out, _ = proc.communicate(logs.encode(), timeout=60)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(master)
+    assert proc.returncode == 0
+    assert b"50 lines" in drawn
+    assert b"lines" not in out.split(b"\n---")[1] and b'host: "*.example.org"' in out
+    quiet = run("--no-progress", stdin=logs.encode())
+    assert quiet.stderr == b""
