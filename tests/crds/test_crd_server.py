@@ -309,7 +309,16 @@ def test_printer_columns(kube: Any) -> None:
         kube,
         "egp",
         "cols",
-        {"gateway": f"{NS}/cols", "rules": 2, "observedGeneration": 1, "conditions": [CONDITION]},
+        {
+            "gateway": f"{NS}/cols",
+            "rules": 2,
+            "observedGeneration": 1,
+            "conditions": [CONDITION],
+            "audit": {
+                "wouldDeny": 7,
+                "destinations": [{"host": "a.test", "port": 443, "count": 7}],
+            },
+        },
     )
     _set_status(
         kube,
@@ -330,9 +339,18 @@ def test_printer_columns(kube: Any) -> None:
         },
     )
     out = kube.kubectl("get", "egp", "-A").stdout.splitlines()
-    assert out[0].split() == ["NAMESPACE", "NAME", "MODE", "GATEWAY", "RULES", "READY", "AGE"]
+    assert out[0].split() == [
+        "NAMESPACE",
+        "NAME",
+        "MODE",
+        "GATEWAY",
+        "RULES",
+        "READY",
+        "WOULD-DENY",
+        "AGE",
+    ]
     row = next(line.split() for line in out[1:] if line.split()[:2] == [NS, "cols"])
-    assert row[2:6] == ["Audit", f"{NS}/cols", "2", "True"]
+    assert row[2:7] == ["Audit", f"{NS}/cols", "2", "True", "7"]
 
     out = kube.kubectl("get", "egw", "-n", NS).stdout.splitlines()
     assert out[0].split() == ["NAME", "MODE", "REPLICAS", "ADDRESSES", "POLICIES", "READY", "AGE"]
