@@ -317,6 +317,23 @@ def _namespaces(raw: object) -> NamespaceSelection:
     return NamespaceSelection(cast(Any, kind), labels, exprs)
 
 
+def _proxy_protocol(service: object) -> tuple[IPNetwork, ...] | None:
+    """spec.service.proxyProtocol: present means on, and then trusted ranges are required
+    (without them any client could name its own address)."""
+    path = "spec.service.proxyProtocol"
+    if not isinstance(service, Mapping) or service.get("proxyProtocol") is None:
+        return None
+    spec = _mapping(service["proxyProtocol"], path)
+    _no_unknown(spec, path, ("trustedCIDRs",))
+    trusted = _networks(spec.get("trustedCIDRs"), f"{path}.trustedCIDRs")
+    if not trusted:
+        raise PolicyError(
+            "needs at least one CIDR: the load balancer's addresses or subnets",
+            field=f"{path}.trustedCIDRs",
+        )
+    return trusted
+
+
 def parse_gateway(obj: Mapping[str, Any], *, default_namespace: str = "tidegate-system") -> Gateway:
     """Validate one EgressGateway object; workload settings are kept raw for the operator."""
     metadata = _mapping(obj.get("metadata"), "metadata")
@@ -355,6 +372,7 @@ def parse_gateway(obj: Mapping[str, Any], *, default_namespace: str = "tidegate-
             require_sni_match=sni,
             dns=_dns(spec.get("dns")),
             workload=workload,
+            proxy_protocol_from=_proxy_protocol(spec.get("service")),
         )
     except PolicyError as exc:
         raise exc.located(obj=f"EgressGateway {namespace}/{name}") from None

@@ -112,6 +112,9 @@ class Gateway:
     require_sni_match: bool = True
     dns: DnsSettings = field(default_factory=DnsSettings)
     workload: dict[str, object] = field(default_factory=dict)
+    # spec.service.proxyProtocol.trustedCIDRs: None means PROXY protocol is off. A listener
+    # setting (rendered into the gateway's flags), so it is not part of the bundle.
+    proxy_protocol_from: tuple[IPNetwork, ...] | None = None
 
     @property
     def key(self) -> str:

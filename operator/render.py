@@ -226,6 +226,13 @@ def gateway_command(names: Names) -> list[str]:
     ]
 
 
+def proxy_protocol_args(gateway: Gateway) -> list[str]:
+    """Gateway flags for spec.service.proxyProtocol: require the header from these peers."""
+    if gateway.proxy_protocol_from is None:
+        return []
+    return ["--proxy-protocol", "--proxy-protocol-from", *map(str, gateway.proxy_protocol_from)]
+
+
 def _topology_spread(gateway: Gateway, names: Names) -> list[dict[str, Any]]:
     mode = _workload(gateway).get("topologySpread", "zone")
     key = TOPOLOGY_KEYS.get(str(mode))
@@ -255,7 +262,7 @@ def render_deployment(
         "name": "gateway",
         "image": spec_image if isinstance(spec_image, str) and spec_image else image,
         "imagePullPolicy": "IfNotPresent",
-        "command": gateway_command(names),
+        "command": gateway_command(names) + proxy_protocol_args(gateway),
         "ports": [
             {"name": "proxy", "containerPort": PROXY_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
@@ -356,12 +363,35 @@ def _proxy_ports() -> list[dict[str, Any]]:
     return [{"name": "proxy", "port": PROXY_PORT, "targetPort": "proxy", "protocol": "TCP"}]
 
 
+ANN_PROXY_PROTOCOL = f"{AWS_LB}proxy-protocol"
+ANN_TARGET_GROUP_ATTRIBUTES = f"{AWS_LB}target-group-attributes"
+
+
+def proxy_protocol_annotations(gateway: Gateway, annotations: Mapping[str, str]) -> dict[str, str]:
+    """With PROXY protocol on a LoadBalancer: the controller sends the v2 header on every
+    target group (``"*"``), and client-IP preservation is turned off so the connection's peer
+    is always the load balancer (a preserved client address is not in the trusted ranges, so
+    its header would be read as a malformed request). Other target-group attributes the user
+    set are kept."""
+    service = _mapping(_workload(gateway).get("service"))
+    if gateway.proxy_protocol_from is None or service.get("type", "LoadBalancer") != "LoadBalancer":
+        return {}
+    attributes = [
+        part.strip()
+        for part in annotations.get(ANN_TARGET_GROUP_ATTRIBUTES, "").split(",")
+        if part.strip() and part.partition("=")[0].strip() != "preserve_client_ip.enabled"
+    ]
+    attributes.append("preserve_client_ip.enabled=false")
+    return {ANN_PROXY_PROTOCOL: "*", ANN_TARGET_GROUP_ATTRIBUTES: ",".join(attributes)}
+
+
 def render_service(gateway: Gateway, names: Names, owner: Owner | None = None) -> dict[str, Any]:
     """The Service clients outside the cluster use (spec.service; usually a LoadBalancer)."""
     service = _mapping(_workload(gateway).get("service"))
     kind = str(service.get("type", "LoadBalancer"))
     meta = object_meta(names, owner)
     annotations = service_annotations(gateway)
+    annotations.update(proxy_protocol_annotations(gateway, annotations))
     if annotations:
         meta["annotations"] = annotations
     spec: dict[str, Any] = {
