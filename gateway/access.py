@@ -29,11 +29,13 @@ F_CLOSED_BY = "closed_by"
 F_BYTES_UP = "bytes_up"
 F_BYTES_DOWN = "bytes_down"
 F_DURATION_MS = "duration_ms"
+F_VIA = "via"  # the load balancer, when the client address came from a PROXY header
 F_TS = "ts"
 
 #: The JSON keys, in the order they are written (``ts`` is added by the writer).
 FIELDS: tuple[str, ...] = (
     F_CLIENT,
+    F_VIA,
     F_METHOD,
     F_HOST,
     F_PORT,
@@ -62,6 +64,7 @@ class AccessRecord:
 
     def __init__(self) -> None:
         self.client: str | None = None
+        self.via: str | None = None
         self.method: str | None = None
         self.host: str | None = None
         self.port: int | None = None

@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .addresses import IPNetwork, parse_network
 from .bundle import Bundle, load_bundle
 from .documents import PolicyError
 from .engine import Engine
@@ -27,6 +28,13 @@ def listen_address(text: str) -> tuple[str, int]:
     except HostError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return host.strip("[]"), port
+
+
+def _network(text: str) -> IPNetwork:
+    try:
+        return parse_network(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _namespaced(text: str) -> tuple[str, str]:
@@ -84,6 +92,22 @@ def add_gateway_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--access-log", default="-", help="file for JSON access lines; - stdout, 'off' to disable"
     )
     p.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    pp = p.add_argument_group("PROXY protocol (client addresses through a load balancer)")
+    pp.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="connections from --proxy-protocol-from must start with a PROXY protocol v1/v2"
+        " header; its client address is the one judged and logged",
+    )
+    pp.add_argument(
+        "--proxy-protocol-from",
+        type=_network,
+        nargs="+",
+        action="extend",
+        metavar="CIDR",
+        help="the load balancer's addresses or subnets (required with --proxy-protocol);"
+        " other peers are direct clients judged by their own address",
+    )
     limits = p.add_argument_group("limits and timeouts")
     for spec in dataclasses.fields(Limits):
         limits.add_argument(
@@ -99,6 +123,13 @@ def run_gateway_command(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     if args.policies is None and args.bundle is None and args.configmap is None:
         print("error: give --policies DIR, --bundle FILE or --configmap NS/NAME", file=sys.stderr)
+        return 2
+    if args.proxy_protocol != bool(args.proxy_protocol_from):
+        print(
+            "error: --proxy-protocol and --proxy-protocol-from CIDR... go together: the ranges"
+            " say which peers (the load balancer) may name a client address",
+            file=sys.stderr,
+        )
         return 2
     limits = Limits(**{name: getattr(args, name) for name in Limits.__dataclass_fields__})
     if args.access_log == "off":
@@ -117,6 +148,7 @@ def run_gateway_command(args: argparse.Namespace) -> int:
         reload_interval=args.reload_interval,
         limits=limits,
         access_log=stream,
+        proxy_protocol_from=tuple(args.proxy_protocol_from) if args.proxy_protocol else None,
     )
     try:
         import uvloop

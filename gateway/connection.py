@@ -6,6 +6,9 @@ in ``flow.Side``, plain-HTTP framing in ``plainhttp``; this module strings them 
 Life of a client connection (``ClientConnection.phase``), each phase with a deadline
 checked by the server's sweeper:
 
+  PREAMBLE only for a peer in ``--proxy-protocol-from`` (the load balancer): read the
+          PROXY protocol header naming the real client (``proxyproto``), within the same
+          ``header_timeout`` as the request head that follows it
   HEAD    read one request head (bounded in size, count and ``header_timeout``)
   WORKING admit (decide, resolve, check the address), dial; bounded by ``working_timeout``
           (a client EOF here is remembered and passed on once the tunnel is up)
@@ -39,6 +42,7 @@ from .flow import ReadPool, Side
 from .hosts import HostError, normalize_host
 from .httphead import HeadError, find_head_end
 from .plainhttp import CHUNKED, BodyError, ChunkedBody, LengthBody
+from .proxyproto import ProxyHeaderError, looks_like_proxy_header, parse_proxy_header
 from .tls import NotTLS, parse_client_hello
 
 if TYPE_CHECKING:
@@ -46,13 +50,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tidegate.gateway.proxy")
 
-HEAD, WORKING, HELLO, TUNNEL, CLOSED, LINGER = range(6)
+HEAD, WORKING, HELLO, TUNNEL, CLOSED, LINGER, PREAMBLE = range(7)
 # After an error response: how long to keep draining what the client still sends.
 LINGER_SECONDS = 1.0
 #: Longest reason phrase written in a refusal's status line.
 MAX_PHRASE = 160
 REASON_SNI = "sni_mismatch"
 REASON_TIMEOUT = "gateway_timeout"
+REASON_PROXY_HEADER = "proxy_protocol"  # a trusted peer sent no valid PROXY header
+REASON_PROXY_TIMEOUT = "proxy_protocol_timeout"
+REASON_PROXY_UNEXPECTED = "proxy_protocol_unexpected"  # a header from a peer not trusted
 _PHRASES = {
     200: "OK",
     400: "Bad Request",
@@ -192,6 +199,10 @@ class ClientConnection(Side):
         server.connections.add(self)
         peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
         self.client_known(str(peer[0]), int(peer[1]))
+        trusted = server.proxy_peers
+        if trusted is not None and self.client_ip is not None and trusted.trusts(self.client_ip):
+            self.phase = PREAMBLE  # the load balancer: the real client is in its header
+            self.record.via = self.peer
         if len(server.connections) > server.limits.max_connections or server.state.draining:
             server.metrics.rejected.labels("overload").inc()
             self.respond(503, "overloaded", "too many connections, try again later")
@@ -225,6 +236,9 @@ class ClientConnection(Side):
                 self.go_bulk()
             return
         if phase == HEAD:
+            if not self.buffer and looks_like_proxy_header(data):
+                self.refuse_proxy_header(400, REASON_PROXY_UNEXPECTED, self._unexpected_header())
+                return
             self.buffer += data
             limit = self.server.limits.max_header_bytes
             try:
@@ -251,12 +265,51 @@ class ClientConnection(Side):
             self.buffer += data
             self.check_hello()
             return
+        if phase == PREAMBLE:
+            self.read_proxy_header(data)
+            return
         if phase == WORKING:
             self.buffer += data  # e.g. a ClientHello sent before our 200: keep, bounded
             limits = self.server.limits
             if len(self.buffer) > limits.max_header_bytes + limits.max_client_hello_bytes:
                 self.pause_reading()
         # LINGER, CLOSED: read and dropped
+
+    # --- PROXY protocol ----------------------------------------------------------------------
+
+    def read_proxy_header(self, data: bytes) -> None:
+        """The peer is a trusted load balancer: the stream must start with a valid header,
+        and the address in it is the client from here on (bytes after it are the request)."""
+        self.buffer += data
+        limit = self.server.limits.max_proxy_header_bytes
+        try:
+            header = parse_proxy_header(self.buffer, max_v2_bytes=limit)
+        except ProxyHeaderError as exc:
+            message = f"no valid PROXY protocol header from the load balancer {self.peer}: {exc}"
+            self.refuse_proxy_header(400, REASON_PROXY_HEADER, message)
+            return
+        if header is None:
+            return
+        rest = bytes(self.buffer[header.length :])
+        self.buffer = bytearray()
+        if header.source is not None:  # None: LOCAL/UNKNOWN, the balancer itself
+            self.client_known(str(header.source[0]), header.source[1])
+        self.phase = HEAD
+        if rest:
+            self.data_received(rest)
+
+    def _unexpected_header(self) -> str:
+        if self.server.proxy_peers is None:
+            return "a PROXY protocol header, but this gateway runs without --proxy-protocol"
+        return (
+            f"a PROXY protocol header from {self.peer}, which is not in --proxy-protocol-from:"
+            " only the load balancer may name a client address"
+        )
+
+    def refuse_proxy_header(self, status: int, reason: str, message: str) -> None:
+        log.warning("refused a connection from %s: %s", self.peer, message)
+        self.server.metrics.rejected.labels(reason).inc()
+        self.reject_early(status, reason, message)
 
     def forward_body(self, data: bytes) -> None:
         """Plain HTTP: forward only what belongs to the one request's body."""
@@ -363,7 +416,10 @@ class ClientConnection(Side):
             return
         if time.monotonic() <= self.deadline:
             return
-        if phase == HEAD:
+        if phase == PREAMBLE:
+            message = f"no PROXY protocol header from the load balancer {self.peer} in time"
+            self.refuse_proxy_header(408, REASON_PROXY_TIMEOUT, message)
+        elif phase == HEAD:
             self.server.metrics.rejected.labels("header_timeout").inc()
             self.reject_early(408, "header_timeout", "request head not received in time")
         elif phase == WORKING:

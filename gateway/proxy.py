@@ -31,9 +31,10 @@ import time
 
 from . import access
 from .addresses import IPAddress
-from .connection import HEAD, LINGER, ClientConnection
+from .connection import HEAD, LINGER, PREAMBLE, ClientConnection
 from .flow import ReadPool
 from .observe import AccessLog, Metrics
+from .proxyproto import TrustedPeers
 from .settings import Limits
 from .state import GatewayState
 
@@ -47,9 +48,17 @@ class ProxyServer:
     """Owns the listening socket, the set of open connections and the sweeper."""
 
     def __init__(
-        self, *, state: GatewayState, limits: Limits, metrics: Metrics, access_log: AccessLog
+        self,
+        *,
+        state: GatewayState,
+        limits: Limits,
+        metrics: Metrics,
+        access_log: AccessLog,
+        proxy_peers: TrustedPeers | None = None,
     ) -> None:
         self.state = state
+        # PROXY protocol: connections from these peers must start with a header.
+        self.proxy_peers = proxy_peers
         self.limits = limits
         self.metrics = metrics
         self.access_log = access_log
@@ -115,7 +124,7 @@ class ProxyServer:
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
-            if conn.phase in (HEAD, LINGER):
+            if conn.phase in (PREAMBLE, HEAD, LINGER):
                 conn.abort_quietly()
         deadline = time.monotonic() + grace
         while self.connections and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a set

@@ -32,16 +32,11 @@ V1_PREFIX = b"PROXY "
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_MAX_BYTES = 107  # "PROXY UNKNOWN <v6> <v6> 65535 65535\r\n", the specification's worst case
 V2_FIXED_BYTES = 16  # signature, version/command, family/transport, length
-# Family/transport byte -> (address block size, what it means to us).
-_V2_FAMILIES: dict[int, tuple[int, str]] = {
-    0x00: (0, "unspec"),
-    0x11: (12, "tcp4"),
-    0x12: (12, "udp4"),
-    0x21: (36, "tcp6"),
-    0x22: (36, "udp6"),
-    0x31: (216, "unix"),
-    0x32: (216, "unix"),
-}
+# The 14th byte: address family (high nibble) -> (name, address block size), and
+# transport (low nibble) -> name. Other nibble values must be refused.
+_V2_FAMILIES: dict[int, tuple[str, int]] = {0x0: ("", 0), 0x1: ("4", 12), 0x2: ("6", 36)}
+_V2_FAMILIES[0x3] = ("unix", 216)
+_V2_TRANSPORTS: dict[int, str] = {0x0: "", 0x1: "tcp", 0x2: "udp"}
 _V2_LOCAL, _V2_PROXY = 0x0, 0x1
 _TLV_HEAD = 3  # type, length high, length low
 
@@ -176,7 +171,9 @@ def _parse_v2(data: bytes | bytearray, max_bytes: int) -> ProxyHeader | None:
             raise ProxyHeaderError(f"v2 header: version {version}, expected 2")
         if command not in (_V2_LOCAL, _V2_PROXY):
             raise ProxyHeaderError(f"v2 header: unknown command {command:#x}")
-    if len(data) > 13 and data[13] not in _V2_FAMILIES:
+    if len(data) > 13 and (
+        data[13] >> 4 not in _V2_FAMILIES or data[13] & 0xF not in _V2_TRANSPORTS
+    ):
         raise ProxyHeaderError(f"v2 header: unknown family/transport {data[13]:#04x}")
     if len(data) < V2_FIXED_BYTES:
         return None
@@ -190,11 +187,17 @@ def _parse_v2(data: bytes | bytearray, max_bytes: int) -> ProxyHeader | None:
     if data[12] & 0x0F == _V2_LOCAL:
         # The balancer's own connection (a health check): the block is ignored entirely.
         return ProxyHeader(2, "local", "unspec", None, None, total)
-    size, family = _V2_FAMILIES[data[13]]
+    address_family, size = _V2_FAMILIES[data[13] >> 4]
+    transport = _V2_TRANSPORTS[data[13] & 0xF]
+    if not address_family or not transport:
+        # The balancer relays a connection it cannot describe: the specification says to
+        # ignore the address block and use the connection's own peer.
+        return ProxyHeader(2, "proxy", "unspec", None, None, total)
+    family = "unix" if address_family == "unix" else transport + address_family
     if announced < size:
         raise ProxyHeaderError(f"v2 header: {announced} address bytes, {family} needs {size}")
     _check_tlvs(block[size:])
-    if family in ("unspec", "unix"):
+    if family == "unix":
         return ProxyHeader(2, "proxy", family, None, None, total)
     width = 4 if size == 12 else 16
     src = ipaddress.ip_address(block[:width])
@@ -213,6 +216,12 @@ def _check_tlvs(tail: bytes) -> None:
         offset += _TLV_HEAD + value_length
         if offset > len(tail):
             raise ProxyHeaderError("v2 header: a TLV runs past the end of the header")
+
+
+def looks_like_proxy_header(data: bytes | bytearray) -> bool:
+    """Whether a stream starts like a PROXY protocol header (to name the mistake when one
+    arrives where none is expected, instead of calling it a malformed request)."""
+    return data[:6] == V1_PREFIX or data[:12] == V2_SIGNATURE
 
 
 # --- who may send one ---------------------------------------------------------------------

@@ -18,10 +18,12 @@ from typing import IO
 
 from aiohttp import web
 
+from .addresses import IPNetwork
 from .admin import make_admin_app
 from .kubeaccess import from_kubeconfig, in_cluster
 from .observe import AccessLog, Metrics
 from .proxy import ProxyServer
+from .proxyproto import TrustedPeers
 from .settings import Limits
 from .sources import BundleFileSource, ConfigMapSource, DirectorySource
 from .state import GatewayState
@@ -40,6 +42,8 @@ class GatewayOptions:
     reload_interval: float = 1.0
     limits: Limits = field(default_factory=Limits)
     access_log: IO[str] | None = sys.stdout
+    # PROXY protocol on: the peers that must send the header (None: off).
+    proxy_protocol_from: tuple[IPNetwork, ...] | None = None
 
 
 async def run_gateway(options: GatewayOptions) -> int:
@@ -68,7 +72,21 @@ async def run_gateway(options: GatewayOptions) -> int:
     if state.engine is None:
         log.warning("no valid policy bundle yet: answering 503 until one loads")
 
-    proxy = ProxyServer(state=state, limits=options.limits, metrics=metrics, access_log=access_log)
+    peers = (
+        None if options.proxy_protocol_from is None else TrustedPeers(options.proxy_protocol_from)
+    )
+    proxy = ProxyServer(
+        state=state,
+        limits=options.limits,
+        metrics=metrics,
+        access_log=access_log,
+        proxy_peers=peers,
+    )
+    if peers is not None:
+        log.info(
+            "PROXY protocol: required from %s; other peers are direct clients",
+            ", ".join(map(str, peers.networks)),
+        )
     runner: web.AppRunner | None = None
     if options.metrics_listen is not None:
         runner = web.AppRunner(make_admin_app(state=state, metrics=metrics), access_log=None)

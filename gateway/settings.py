@@ -16,6 +16,9 @@ def _limit(default: float, help: str) -> object:
 class Limits:
     max_header_bytes: int = _limit(16 * 1024, "request head size; beyond it: 431")  # type: ignore[assignment]
     max_headers: int = _limit(100, "header fields per request; beyond it: 431")  # type: ignore[assignment]
+    max_proxy_header_bytes: int = _limit(
+        4096, "largest PROXY protocol v2 header (addresses and TLVs); v1 lines are 107 by spec"
+    )  # type: ignore[assignment]
     header_timeout: float = _limit(
         10.0, "seconds for the whole request head to arrive (slowloris guard); then 408"
     )  # type: ignore[assignment]

@@ -101,6 +101,8 @@ VALID = [
         id="v2-local-block-not-parsed",
     ),
     pytest.param(v2(family=0x00, block=b""), (2, "proxy", None), id="v2-proxy-unspec-keeps-peer"),
+    pytest.param(v2(family=0x01, block=b""), (2, "proxy", None), id="v2-unspec-family-keeps-peer"),
+    pytest.param(v2(family=0x10), (2, "proxy", None), id="v2-unspec-transport-keeps-peer"),
     pytest.param(
         v2(family=0x31, block=b"/tmp/a".ljust(108, b"\0") * 2),
         (2, "proxy", None),
@@ -211,7 +213,6 @@ INVALID = [
     pytest.param(v2(command=0xF), "unknown command", id="v2-command-f"),
     pytest.param(v2(family=0x13), "family/transport", id="v2-transport-3"),
     pytest.param(v2(family=0x41), "family/transport", id="v2-family-4"),
-    pytest.param(v2(family=0x01, block=b""), "family/transport", id="v2-unspec-stream"),
     pytest.param(v2(block=b"\x01\x02\x03\x04"), "needs 12", id="v2-tcp4-short-block"),
     pytest.param(v2(family=0x21), "needs 36", id="v2-tcp6-with-v4-block"),
     pytest.param(v2(family=0x31, block=b"\0" * 100), "needs 216", id="v2-unix-short-block"),
