@@ -17,8 +17,14 @@ from typing import Any
 
 from tidegate.gateway.model import Gateway
 
+from .exposure import (
+    ANN_PROXY_PROTOCOL,
+    ANN_TG_ATTRIBUTES,
+    PRESERVE_CLIENT_IP,
+    parse_attributes,
+    service_spec_extras,
+)
 from .exposure import service_annotations as _service_annotations
-from .exposure import service_spec_extras
 from .proxyenv import ClusterNetwork, render_proxy_env
 
 DEFAULT_IMAGE = "tidegate:0.1.0"
@@ -363,26 +369,20 @@ def _proxy_ports() -> list[dict[str, Any]]:
     return [{"name": "proxy", "port": PROXY_PORT, "targetPort": "proxy", "protocol": "TCP"}]
 
 
-ANN_PROXY_PROTOCOL = f"{AWS_LB}proxy-protocol"
-ANN_TARGET_GROUP_ATTRIBUTES = f"{AWS_LB}target-group-attributes"
-
-
 def proxy_protocol_annotations(gateway: Gateway, annotations: Mapping[str, str]) -> dict[str, str]:
     """With PROXY protocol on a LoadBalancer: the controller sends the v2 header on every
     target group (``"*"``), and client-IP preservation is turned off so the connection's peer
     is always the load balancer (a preserved client address is not in the trusted ranges, so
-    its header would be read as a malformed request). Other target-group attributes the user
-    set are kept."""
+    its header would be refused as unexpected). Other target-group attributes are kept."""
     service = _mapping(_workload(gateway).get("service"))
     if gateway.proxy_protocol_from is None or service.get("type", "LoadBalancer") != "LoadBalancer":
         return {}
-    attributes = [
-        part.strip()
-        for part in annotations.get(ANN_TARGET_GROUP_ATTRIBUTES, "").split(",")
-        if part.strip() and part.partition("=")[0].strip() != "preserve_client_ip.enabled"
-    ]
-    attributes.append("preserve_client_ip.enabled=false")
-    return {ANN_PROXY_PROTOCOL: "*", ANN_TARGET_GROUP_ATTRIBUTES: ",".join(attributes)}
+    attributes = parse_attributes(annotations.get(ANN_TG_ATTRIBUTES, ""))
+    attributes[PRESERVE_CLIENT_IP] = "false"
+    return {
+        ANN_PROXY_PROTOCOL: "*",
+        ANN_TG_ATTRIBUTES: ",".join(f"{k}={v}" for k, v in attributes.items()),
+    }
 
 
 def render_service(gateway: Gateway, names: Names, owner: Owner | None = None) -> dict[str, Any]:

@@ -77,8 +77,10 @@ def test_user_target_group_attributes_are_merged_not_lost() -> None:
 
 
 def test_proxy_protocol_replaces_client_ip_preservation() -> None:
-    svc = render_service(gw({"proxyProtocol": True}), NAMES)
-    assert f"{AWS}target-group-attributes" not in svc["metadata"]["annotations"]
+    svc = render_service(gw({"proxyProtocol": {"trustedCIDRs": ["10.0.64.0/24"]}}), NAMES)
+    annotations = svc["metadata"]["annotations"]
+    assert annotations[f"{AWS}proxy-protocol"] == "*"
+    assert annotations[f"{AWS}target-group-attributes"] == "preserve_client_ip.enabled=false"
 
 
 def test_in_cluster_service_and_proxy_env_are_rendered() -> None:
@@ -246,11 +248,7 @@ def test_curl_uses_the_proxy_and_bypasses_cluster_names(tmp_path: Any) -> None:
         ({"type": "ClusterIP"}, True, "InClusterOnly"),
         ({"type": "NodePort"}, True, "TrafficPolicyLocal"),
         ({"targetType": "instance"}, True, "TrafficPolicyLocal"),
-        (
-            {"proxyProtocol": True, "annotations": {f"{AWS}proxy-protocol": "*"}},
-            True,
-            "ProxyProtocol",
-        ),
+        ({"proxyProtocol": {"trustedCIDRs": ["10.0.64.0/24"]}}, True, "ProxyProtocol"),
         (
             {"scheme": "internet-facing", "loadBalancerSourceRanges": ["198.51.100.0/24"]},
             True,
@@ -262,7 +260,6 @@ def test_curl_uses_the_proxy_and_bypasses_cluster_names(tmp_path: Any) -> None:
             False,
             "ClientAddressHidden",
         ),
-        ({"proxyProtocol": True}, False, "ClientAddressHidden"),  # flag without the annotation
         ({"annotations": {f"{AWS}type": "nlb"}}, False, "UnknownLoadBalancer"),
     ],
 )
