@@ -307,7 +307,8 @@ class ClientConnection(Side):
         )
 
     def refuse_proxy_header(self, status: int, reason: str, message: str) -> None:
-        log.warning("refused a connection from %s: %s", self.peer, message)
+        if reason != REASON_PROXY_UNEXPECTED:  # the balancer misbehaves: say so on stderr too
+            log.warning("refused a connection from %s: %s", self.peer, message)
         self.server.metrics.rejected.labels(reason).inc()
         self.reject_early(status, reason, message)
 

@@ -180,6 +180,7 @@ def test_a_direct_client_cannot_forge_its_address(gw: GatewayProcess, net: Net) 
         assert b"not in --proxy-protocol-from" in reply.rest + recv_until_eof(sock)
         line = gw.wait_log(lambda r, port=port: r.get("client") == f"127.0.0.1:{port}")
         assert line["decision"] == "deny" and "via" not in line
+        assert f"from 127.0.0.1:{port}" not in gw.stderr()  # no stderr flood from clients
     assert net.echo.accepts == accepts
     gw.wait_metric(
         "tidegate_connections_rejected_total",
