@@ -248,8 +248,11 @@ async def configmap_event(
 
 
 def _uses_selector(body: Mapping[str, Any]) -> bool:
+    """Namespace labels matter to it: Selector admission, or a bypass guard (now or before)."""
     spec = body.get("spec") or {}
-    return bool((spec.get("allowedPolicyNamespaces") or {}).get("from") == "Selector")
+    if (spec.get("allowedPolicyNamespaces") or {}).get("from") == "Selector":
+        return True
+    return bool(spec.get("egressGuard") or (body.get("status") or {}).get("guardedNamespaces"))
 
 
 @kopf.on.event("", "v1", "namespaces")

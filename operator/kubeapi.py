@@ -169,6 +169,7 @@ _PLURALS = {
     "EgressGateway": "egressgateways",
     "Namespace": "namespaces",
     "Pod": "pods",
+    "NetworkPolicy": "networkpolicies",
 }
 
 

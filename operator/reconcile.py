@@ -48,6 +48,8 @@ from .bundlemap import (
     render_bundle_configmap,
 )
 from .exposure import CONDITION_CLIENTS_IDENTIFIED, assess_client_identity
+from .guard import guard_spec
+from .guardsync import sync_guard
 from .kubeapi import ApiError, KubeClient, path_of, resource_path
 from .metrics import Metrics
 from .proxyenv import ClusterNetwork
@@ -221,6 +223,15 @@ class Reconciler:
                     Verdict(entry, "GatewayNotFound", f"EgressGateway {key} does not exist", None)
                 )
         await self._write_policy_statuses(verdicts)
+        namespace, _, name = key.partition("/")
+        if namespace and name:  # its guard NetworkPolicies live elsewhere: no owner GC
+            await sync_guard(
+                self.client,
+                names=Names(name, namespace),
+                spec=None,
+                namespace_labels={},
+                look=True,
+            )
 
     async def _reconcile_gateway(self, key: str, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
@@ -246,6 +257,13 @@ class Reconciler:
             gateway, names, owner, previous
         )
         deployment, service = await self._apply_workload(gateway, names, owner)
+        guarded = await sync_guard(
+            self.client,
+            names=names,
+            spec=guard_spec(gateway.workload),
+            namespace_labels=self.views.namespace_labels(),
+            look=bool(previous.get("guardedNamespaces")),
+        )
         gathered = await self._gather_audit(names, binding_verdicts)
         await self._write_policy_statuses(binding_verdicts, gathered)
 
@@ -285,6 +303,7 @@ class Reconciler:
             bundle=bundle_status(compiled) if compiled is not None else None,
             ready_replicas=ready_replicas,
             addresses=addresses,
+            guarded_namespaces=guarded,
             extra_conditions=[identified],
         )
         if compiled is not None:

@@ -158,6 +158,7 @@ def gateway_status(
     bundle: Mapping[str, Any] | None = None,
     ready_replicas: int | None = None,
     addresses: list[str] | None = None,
+    guarded_namespaces: list[str] | None = None,
     extra_conditions: Sequence[Mapping[str, Any]] = (),
     now: str | None = None,
 ) -> dict[str, Any]:
@@ -185,6 +186,7 @@ def gateway_status(
         ("bundle", bundle),
         ("readyReplicas", ready_replicas),
         ("addresses", addresses),
+        ("guardedNamespaces", guarded_namespaces),
     ):
         if value is not None:
             status[key] = value
