@@ -16,6 +16,8 @@ gateway pods run one at a time.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import socket
 import subprocess
@@ -37,6 +39,7 @@ NS = "tidegate-system"
 APP_NS = "team-a"
 PROXY_PORT = 3128
 METRICS_PORT = 9090
+HOST_PORTS_LOCK = Path("/tmp/tidegate-gateway-host-ports.lock")
 T = TypeVar("T")
 
 
@@ -255,16 +258,52 @@ def test_operator_pod_runs_as_the_chart_says_and_reconciles_a_policy(
     assert op.state()[0] == "running", op.report()
 
 
-def _gateway(installed: Installed, **kwargs: Any) -> RunningPod:
-    for port in (PROXY_PORT, METRICS_PORT):
-        assert port_free(port), f"port {port} is taken on this machine: the gateway pod needs it"
+@contextlib.contextmanager
+def host_ports() -> Iterator[None]:
+    """Hold the gateway's host ports for this machine: another test session running a
+    gateway pod at the same time waits here instead of failing on a taken port."""
+    with HOST_PORTS_LOCK.open("w") as lock:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"{HOST_PORTS_LOCK} held for 600 s"
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def wait_ports_free(timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not (port_free(PROXY_PORT) and port_free(METRICS_PORT)):
+        assert time.monotonic() < deadline, (
+            f"port {PROXY_PORT} or {METRICS_PORT} is taken on this machine: the gateway pod "
+            "listens on them (host network)"
+        )
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def gateway_pod(installed: Installed, **kwargs: Any) -> Iterator[RunningPod]:
+    """Run one pod of the rendered gateway Deployment; stop it (and free its ports) after."""
     wait_for(
         "the gateway Deployment",
         lambda: get(installed.cp, "deployment", "default-gateway", "-n", NS),
         90,
         installed.why,
     )
-    return installed.runner.run_deployment(NS, "default-gateway", **kwargs)
+    with host_ports():
+        wait_ports_free()
+        pod = installed.runner.run_deployment(NS, "default-gateway", **kwargs)
+        try:
+            yield pod
+        finally:
+            pod.stop()
+            wait_ports_free()
 
 
 def _policy_ready(installed: Installed, hosts: list[str]) -> None:
@@ -278,20 +317,11 @@ def _policy_ready(installed: Installed, hosts: list[str]) -> None:
     wait_for("the bundle to carry the policy", current, 60, installed.why)
 
 
-def _stop(pod: RunningPod) -> None:
-    pod.stop()
-    deadline = time.monotonic() + 30
-    while not (port_free(PROXY_PORT) and port_free(METRICS_PORT)):
-        assert time.monotonic() < deadline, "the gateway pod's ports stayed taken after stop"
-        time.sleep(0.2)
-
-
 def test_gateway_pod_enforces_and_follows_its_configmap_watch(installed: Installed) -> None:
     net = installed.net
     _policy_ready(installed, ["allowed.test"])
     # The kubelet's volume sync is paused: a change can only come through the API watch.
-    gw = _gateway(installed, volume_sync=None)
-    try:
+    with gateway_pod(installed, volume_sync=None) as gw:
         gw.wait_ready(60)
         info = gw.inspect()
         assert info["HostConfig"]["ReadonlyRootfs"] is True
@@ -310,9 +340,7 @@ def test_gateway_pod_enforces_and_follows_its_configmap_watch(installed: Install
         assert bundle_dir.swaps == 1, "the projected file changed: not the watch alone"
         assert "other.test" not in (bundle_dir.path / "bundle.json").read_text()
         assert gw.restarts == 0 and gw.ready, gw.report()
-    finally:
-        _stop(gw)
-        _policy_ready(installed, ["allowed.test"])
+    _policy_ready(installed, ["allowed.test"])
 
 
 def test_gateway_cut_off_from_the_api_serves_the_mounted_bundle_and_follows_the_file(
@@ -320,8 +348,7 @@ def test_gateway_cut_off_from_the_api_serves_the_mounted_bundle_and_follows_the_
 ) -> None:
     net = installed.net
     _policy_ready(installed, ["allowed.test"])
-    gw = _gateway(installed, api_reachable=False)
-    try:
+    with gateway_pod(installed, api_reachable=False) as gw:
         # Ready on the mounted bundle alone, and enforcing it.
         gw.wait_ready(60)
         assert curl(net, net.https_url("allowed.test")) == (200, 200), gw.report()
@@ -352,6 +379,4 @@ def test_gateway_cut_off_from_the_api_serves_the_mounted_bundle_and_follows_the_
         assert gw.volumes["bundle"][0].swaps > swaps
         assert curl(net, net.https_url("allowed.test")) == (200, 200)
         assert gw.restarts == 0 and gw.ready, gw.report()
-    finally:
-        _stop(gw)
-        _policy_ready(installed, ["allowed.test"])
+    _policy_ready(installed, ["allowed.test"])
