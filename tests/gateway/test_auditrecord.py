@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 import tracemalloc
 
 import pytest
@@ -81,11 +80,9 @@ def test_a_flood_of_random_names_keeps_memory_bounded_and_the_heavy_hitters() ->
     rng.shuffle(stream)
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    started = time.perf_counter()
     for i, host in enumerate(stream):
         top.add(host, 443, verdict="audit", reason="no_rule_matched", now=NOW + i)
         assert len(top) <= 100
-    elapsed = time.perf_counter() - started
     grown = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     report = top.report(top=10)
@@ -97,7 +94,6 @@ def test_a_flood_of_random_names_keeps_memory_bounded_and_the_heavy_hitters() ->
     assert report["others"] == 60_000 - sum(listed.values())
     assert report["evictions"] > 49_000
     assert grown < 512 * 1024, f"the record grew by {grown} bytes under the flood"
-    assert elapsed < 5.0, f"60k updates took {elapsed:.2f}s"
 
 
 def test_space_saving_invariants_hold_on_a_random_stream() -> None:
