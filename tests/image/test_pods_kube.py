@@ -306,9 +306,29 @@ def gateway_pod(installed: Installed, **kwargs: Any) -> Iterator[RunningPod]:
             wait_ports_free()
 
 
+def client_policy(cp: ControlPlane, hosts: list[str], net: Net) -> dict[str, Any]:
+    """The policy that governs the test's loopback client (curl on this machine).
+
+    The client is no pod: where ClusterEgressPolicy exists (an EgressPolicy then governs
+    only the pods of its own namespace), a cluster policy selects it by address
+    (sources.cidrs); before that, a namespaced EgressPolicy governs every client.
+    """
+    if get(cp, "crd", "clusteregresspolicies.tidegate.io") is None:
+        return policy(hosts, net)
+    return {
+        "apiVersion": "tidegate.io/v1alpha1",
+        "kind": "ClusterEgressPolicy",
+        "metadata": {"name": "loopback-web"},
+        "spec": {
+            "sources": {"cidrs": ["127.0.0.0/8"]},
+            "allow": [{"host": h, "ports": [net.tls_port]} for h in hosts],
+        },
+    }
+
+
 def _policy_ready(installed: Installed, hosts: list[str]) -> None:
     installed.cp.ensure_namespace(APP_NS)
-    installed.cp.apply([policy(hosts, installed.net)])
+    installed.cp.apply([client_policy(installed.cp, hosts, installed.net)])
 
     def current() -> bool:
         bundle = get(installed.cp, "configmap", "default-bundle", "-n", NS) or {}

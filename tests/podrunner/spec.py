@@ -23,6 +23,8 @@ SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 TOKEN_SECONDS = 3607
 DEFAULT_MODE = 0o644
 RESTART_BACKOFF_MAX = 5.0
+#: Seconds between looks at the container's state (each look is a podman process).
+STATE_PERIOD = 2.0
 
 
 #: The volume the ServiceAccount admission plugin adds to every pod (kube-api-access-*).
