@@ -10,9 +10,11 @@ saturated proxy port does not make the pod look dead.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .auditrecord import DEFAULT_TOP
@@ -20,7 +22,30 @@ from .observe import Metrics
 from .state import GatewayState
 
 
+class _MalformedRequestFilter(logging.Filter):
+    """A malformed request on the admin port is the client's fault: aiohttp answers it
+    with a 4xx and logs it with a traceback; keep one warning line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            message = " ".join(str(exc.message).split())[:200]
+            record.msg = f"{record.getMessage()}: malformed request ({exc.code}): {message}"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_FILTER = _MalformedRequestFilter()
+
+
 def make_admin_app(*, state: GatewayState, metrics: Metrics) -> web.Application:
+    server_log = logging.getLogger("aiohttp.server")
+    if _FILTER not in server_log.filters:
+        server_log.addFilter(_FILTER)
+
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -44,7 +69,7 @@ def make_admin_app(*, state: GatewayState, metrics: Metrics) -> web.Application:
 
     async def audit_handler(request: web.Request) -> web.Response:
         text = request.query.get("top", str(DEFAULT_TOP))
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             return web.Response(status=400, text="top must be a whole number\n")
         top = min(int(text), metrics.audit.capacity)
         report = metrics.audit.report(top=top, now=time.time(), generation=state.generation)

@@ -150,7 +150,6 @@ class ChunkedBody:
                 i += take
                 self.left -= take
                 if self.left == 0:
-                    out += b"\r\n"
                     self.state = _DATA_END
                 continue
             # _SIZE, _DATA_END and _TRAILER are line-based
@@ -170,6 +169,7 @@ class ChunkedBody:
             if state == _DATA_END:
                 if line:
                     raise BodyError("chunk data longer than its size")
+                out += b"\r\n"
                 self.state = _SIZE
             elif state == _SIZE:
                 match = _CHUNK_SIZE.fullmatch(line)
