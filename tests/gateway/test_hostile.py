@@ -87,14 +87,14 @@ class _Banner(socketserver.BaseRequestHandler):
 
 
 class _Chatty(socketserver.BaseRequestHandler):
-    """After one byte from the client: 1 KiB every millisecond for 3 seconds."""
+    """After one byte from the client: 1 KiB every millisecond for 8 seconds."""
 
     def handle(self) -> None:
         with contextlib.suppress(OSError):
             self.request.settimeout(5)
             self.request.recv(1)
             self.request.setblocking(False)
-            end = time.monotonic() + 3
+            end = time.monotonic() + 8
             piece = b"c" * 1024
             while time.monotonic() < end:
                 with contextlib.suppress(BlockingIOError):
@@ -259,8 +259,10 @@ def test_no_destination_byte_before_the_200(
 def test_chatty_destination_and_slow_client_stay_bounded(
     hostile_gw: GatewayProcess, raw_servers: dict[str, _Raw]
 ) -> None:
-    """1 KiB every millisecond into a tunnel whose client does not read: the gateway holds
-    about its high-water mark, not a 1 MiB buffer per small read."""
+    """1 KiB every millisecond into a tunnel whose client reads slowly: the gateway holds
+    about its high-water mark, not a 1 MiB buffer per small read. (The first seconds fill
+    the kernel's send buffer; after that each small read lands in the gateway's own write
+    buffer - without the bound this grew the gateway by ~250 MiB.)"""
     process = psutil.Process(hostile_gw.proc.pid)
     before = process.memory_info().rss
     sock = socket.socket()
@@ -270,9 +272,14 @@ def test_chatty_destination_and_slow_client_stay_bounded(
     sock.sendall(f"CONNECT chatty.test:{port} HTTP/1.1\r\nHost: chatty.test\r\n\r\n".encode())
     assert read_reply(sock).status == 200
     sock.sendall(b"go")
+    sock.settimeout(1)
     peak = before
-    for _ in range(30):
-        time.sleep(0.1)
+    end = time.monotonic() + 8
+    while time.monotonic() < end:  # read slowly: about 200 KiB/s of the 1 MiB/s sent
+        for _ in range(10):
+            with contextlib.suppress(TimeoutError):
+                sock.recv(2048)
+            time.sleep(0.01)
         peak = max(peak, process.memory_info().rss)
     sock.close()
     grown = (peak - before) / 2**20
