@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import ipaddress
@@ -390,11 +391,20 @@ class _ResetHandler(socketserver.BaseRequestHandler):
         self.request.close()
 
 
+def counting_chunks(n: int, chunk: int = 65536) -> Iterator[bytes]:
+    """``n`` bytes in which every aligned 8-byte word is its own offset (big-endian), in
+    pieces of ``chunk`` bytes (a multiple of 8): a byte lost, duplicated or moved anywhere
+    changes the stream, and there is no period a reordering could hide in."""
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        words = array.array("Q", range(start, start + size + 7, 8))
+        if sys.byteorder == "little":
+            words.byteswap()
+        yield words.tobytes()[:size]
+
+
 def counting_pattern(n: int) -> bytes:
-    """``n`` bytes in which every aligned 8-byte word is its own offset: a byte lost,
-    duplicated or moved anywhere changes the result (no period a reordering could hide in)."""
-    words = (n + 7) // 8
-    return b"".join(i.to_bytes(8, "big") for i in range(0, words * 8, 8))[:n]
+    return b"".join(counting_chunks(n))
 
 
 class _SourceHandler(socketserver.BaseRequestHandler):
@@ -412,9 +422,8 @@ class _SourceHandler(socketserver.BaseRequestHandler):
                 if not chunk:
                     return
                 line += chunk
-            data = counting_pattern(int(line))
-            for i in range(0, len(data), 65536):
-                self.request.sendall(data[i : i + 65536])
+            for piece in counting_chunks(int(line)):
+                self.request.sendall(piece)
             self.request.shutdown(socket.SHUT_WR)
 
 
