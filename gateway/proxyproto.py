@@ -22,6 +22,7 @@ once, not after a timeout).
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +40,12 @@ _V2_FAMILIES[0x3] = ("unix", 216)
 _V2_TRANSPORTS: dict[int, str] = {0x0: "", 0x1: "tcp", 0x2: "udp"}
 _V2_LOCAL, _V2_PROXY = 0x0, 0x1
 _TLV_HEAD = 3  # type, length high, length low
+_NOT_PRINTABLE = re.compile(rb"[^\x20-\x7e]")
+# Decimal without leading zeros (octal confusion); IPv6 as hex groups and colons only (no
+# zone, no dotted IPv4 tail, no brackets). Range checks are left to int() and ipaddress.
+_DECIMAL = re.compile(r"(?:0|[1-9][0-9]{0,4})\Z")
+_IPV4 = re.compile(r"(?:(?:0|[1-9][0-9]{0,2})\.){3}(?:0|[1-9][0-9]{0,2})\Z")
+_IPV6 = re.compile(r"[0-9A-Fa-f:]{2,39}\Z")
 
 
 class ProxyHeaderError(ValueError):
@@ -92,12 +99,11 @@ def _parse_v1(data: bytes | bytearray) -> ProxyHeader | None:
     if end < 0:
         if len(data) >= V1_MAX_BYTES:
             raise ProxyHeaderError(f"v1 header: no CRLF within {V1_MAX_BYTES} bytes")
-        for byte in line:
-            if (byte < 0x20 and byte != 0x0D) or byte > 0x7E:
-                raise ProxyHeaderError("v1 header: not printable US-ASCII")
+        if _NOT_PRINTABLE.search(line[:-1] if line.endswith(b"\r") else line):
+            raise ProxyHeaderError("v1 header: not printable US-ASCII")
         return None
     length = end + 2
-    if any(byte < 0x20 or byte > 0x7E for byte in line):
+    if _NOT_PRINTABLE.search(line):
         raise ProxyHeaderError("v1 header: not printable US-ASCII")
     parts = line.decode("ascii").split(" ")
     if len(parts) >= 2 and parts[1] == "UNKNOWN":
@@ -127,15 +133,16 @@ def _parse_v1(data: bytes | bytearray) -> ProxyHeader | None:
 
 
 def _v1_ipv4(text: str) -> ipaddress.IPv4Address:
-    octets = text.split(".")
-    if len(octets) != 4 or not all(_decimal(o) and int(o) <= 255 for o in octets):
+    if not _IPV4.match(text):
         raise ProxyHeaderError(f"v1 header: {text[:40]!r} is not an IPv4 address")
-    return ipaddress.IPv4Address(text)
+    try:
+        return ipaddress.IPv4Address(text)  # octets above 255
+    except ValueError:
+        raise ProxyHeaderError(f"v1 header: {text[:40]!r} is not an IPv4 address") from None
 
 
 def _v1_ipv6(text: str) -> ipaddress.IPv6Address:
-    # Hex groups and colons only: no zone, no dotted IPv4 tail, no brackets.
-    if not text or any(c not in "0123456789abcdefABCDEF:" for c in text):
+    if not _IPV6.match(text):
         raise ProxyHeaderError(f"v1 header: {text[:40]!r} is not an IPv6 address")
     try:
         return ipaddress.IPv6Address(text)
@@ -144,18 +151,9 @@ def _v1_ipv6(text: str) -> ipaddress.IPv6Address:
 
 
 def _v1_port(text: str) -> int:
-    if not _decimal(text) or int(text) > 65535:
+    if not _DECIMAL.match(text) or int(text) > 65535:
         raise ProxyHeaderError(f"v1 header: {text[:8]!r} is not a port")
     return int(text)
-
-
-def _decimal(text: str) -> bool:
-    """Digits only, 1..5 of them, no leading zero (octal confusion)."""
-    return (
-        0 < len(text) <= 5
-        and all("0" <= c <= "9" for c in text)
-        and (text == "0" or text[0] != "0")
-    )
 
 
 # --- version 2 ----------------------------------------------------------------------------

@@ -509,6 +509,56 @@ def test_unidentified_clients_are_reported(
     )
 
 
+def test_proxy_protocol_through_the_operator(
+    cluster: ControlPlane, operator: OperatorProcess
+) -> None:
+    """spec.service.proxyProtocol reaches the gateway's command and the Service; removing it
+    takes both away again (client-IP preservation comes back)."""
+    pp = "service.beta.kubernetes.io/aws-load-balancer-proxy-protocol"
+    attrs = "service.beta.kubernetes.io/aws-load-balancer-target-group-attributes"
+    patch = {"spec": {"service": {"proxyProtocol": {"trustedCIDRs": ["10.0.64.0/24"]}}}}
+    cluster.kubectl("patch", "egw", "default", "-n", NS, "--type=merge", "-p", json.dumps(patch))
+
+    def command() -> list[str]:
+        dep = get(cluster, "deployment", "default-gateway", NS) or {}
+        containers = ((dep.get("spec") or {}).get("template") or {}).get("spec", {})
+        return list((containers.get("containers") or [{}])[0].get("command") or [])
+
+    def annotations() -> dict[str, str]:
+        svc = get(cluster, "service", "default-gateway", NS) or {}
+        return dict(svc.get("metadata", {}).get("annotations") or {})
+
+    args = wait_for("gateway flags", lambda: c if "--proxy-protocol" in (c := command()) else None)
+    i = args.index("--proxy-protocol")
+    assert args[i + 1 : i + 3] == ["--proxy-protocol-from", "10.0.64.0/24"]
+    ann = wait_for("annotation", lambda: a if pp in (a := annotations()) else None, op=operator)
+    assert ann[pp] == "*" and ann[attrs] == "preserve_client_ip.enabled=false"
+    wait_for(
+        "ClientsIdentified ProxyProtocol",
+        lambda: _identified(cluster).get("reason") == "ProxyProtocol",
+        op=operator,
+    )
+
+    cluster.kubectl(
+        "patch",
+        "egw",
+        "default",
+        "-n",
+        NS,
+        "--type=json",
+        "-p",
+        json.dumps([{"op": "remove", "path": "/spec/service/proxyProtocol"}]),
+    )
+    wait_for("flags gone", lambda: "--proxy-protocol" not in command(), op=operator)
+    ann = wait_for("annotation gone", lambda: a if pp not in (a := annotations()) else None)
+    assert ann[attrs] == "preserve_client_ip.enabled=true"
+    wait_for(
+        "ClientsIdentified preserved again",
+        lambda: _identified(cluster).get("reason") == "ClientAddressPreserved",
+        op=operator,
+    )
+
+
 def test_policy_change_bumps_bundle_without_rollout(
     cluster: ControlPlane, operator: OperatorProcess
 ) -> None:
