@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 from typing import Any
 
 import pytest
 
+from tidegate.gateway import cli
 from tidegate.gateway.documents import PolicyError, parse_gateway
 from tidegate.gateway.model import Gateway
 from tidegate.operator.render import Names, render_deployment, render_service
@@ -97,3 +99,17 @@ def test_invalid_settings_are_located(proxy_protocol: object, fragment: str) -> 
         gw({"proxyProtocol": proxy_protocol})
     assert "spec.service.proxyProtocol" in str(info.value)
     assert fragment in str(info.value)
+
+
+def test_the_rendered_command_parses_with_the_gateways_own_cli() -> None:
+    """The operator's flags are the gateway's flags: parse the rendered command with the
+    real argument parser (the same one `tidegate gateway` runs)."""
+    parser = argparse.ArgumentParser(prog="tidegate")
+    cli.add_gateway_parser(parser.add_subparsers(dest="command", required=True))
+    trusted = ["10.0.64.0/24", "fd00::/8"]
+    args = parser.parse_args(command(gw({"proxyProtocol": {"trustedCIDRs": trusted}}))[1:])
+    assert args.proxy_protocol is True
+    assert [str(n) for n in args.proxy_protocol_from] == trusted
+    assert args.listen == ("0.0.0.0", 3128)
+    off = parser.parse_args(command(gw())[1:])
+    assert off.proxy_protocol is False and off.proxy_protocol_from is None
