@@ -10,6 +10,7 @@ saturated proxy port does not make the pod look dead.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -64,6 +65,7 @@ def make_admin_app(*, state: GatewayState, metrics: Metrics) -> web.Application:
 
     async def metrics_handler(request: web.Request) -> web.Response:
         metrics.ready.set(0 if not_ready() else 1)  # the same answer as /readyz
+        metrics.loop_tasks.set(len(asyncio.all_tasks()))
         body = generate_latest(metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

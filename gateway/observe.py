@@ -98,6 +98,7 @@ _HELP = {
     "tidegate_policy_denied": "Requests denied under this policy (policy, no-match, port).",
     "tidegate_requests": "Proxy requests (CONNECT or plain HTTP) by decision, policy, reason.",
     "tidegate_tunnels_active": "Open tunnels: client connections with a destination dialled.",
+    "tidegate_event_loop_tasks": "asyncio tasks alive on the gateway's loop (a leak shows here).",
     "tidegate_connections_active": "Open client connections, tunnels and heads in progress.",
     "tidegate_bytes": "Bytes proxied, by direction (up: towards the destination).",
     "tidegate_upstream_connect_seconds": "Time to open the TCP connection to the destination.",
@@ -133,6 +134,7 @@ class Metrics:
         # per-policy totals are the two policy-labelled counters below.
         self.audit = AuditRecord(capacity=audit_destinations, started=time.time())
         self.tunnels_active = Value()
+        self.loop_tasks = Value()  # set at scrape time
         self.connections_active = Value()
         self.bytes_up = Value()
         self.bytes_down = Value()
@@ -185,6 +187,7 @@ class Metrics:
             ("tidegate_connections_active", self.connections_active),
             ("tidegate_connections_limit", self.connections_limit),
             ("tidegate_ready", self.ready),
+            ("tidegate_event_loop_tasks", self.loop_tasks),
         ):
             gauge = GaugeMetricFamily(name, _HELP[name])
             gauge.add_metric([], value.value)
