@@ -44,7 +44,7 @@ import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from fixtures_net import DnsServer  # noqa: E402 - the test suite's DNS server, on loopback
+from fixtures_net import DnsServer  # the test suite's DNS server, on loopback
 
 HOST = "127.0.0.1"
 TIDEGATE = str(Path(sys.executable).with_name("tidegate"))
@@ -386,7 +386,7 @@ def run(*, duration: float, workers: int = 8, warmup: float = 5.0) -> dict[str, 
     dns = DnsServer()
     upstreams = Upstreams()
     ports = upstreams.ports
-    for name in NAMES + ("denied",):
+    for name in (*NAMES, "denied"):
         dns.set(f"{name}.soak.test", [(HOST, 300)])
 
     def flaky(n: int) -> list[tuple[str, int]]:
