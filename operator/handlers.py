@@ -17,7 +17,8 @@ from typing import Any, cast
 import kopf
 
 from .binding import DEFAULT_GATEWAY, gateway_key_of, make_entry
-from .kubeapi import Credentials, KubeClient, discover
+from .defaultgw import LABEL_DEFAULT_GATEWAY, SpecError, gateway_from_configmap
+from .kubeapi import ApiError, Credentials, KubeClient, discover
 from .metrics import Metrics
 from .reconcile import Reconciler, Settings, Views
 from .render import LABEL_GATEWAY, LABEL_MANAGED_BY, MANAGER
@@ -38,6 +39,8 @@ class Runtime:
     settings: Settings = field(default_factory=Settings)
     metrics: Metrics = field(default_factory=Metrics)
     resync_seconds: float = RESYNC_SECONDS
+    #: "namespace/name" of the ConfigMap the default gateway is applied from (the chart's).
+    default_gateway_spec: str | None = None
     credentials: Credentials | None = None
     reconciler: Reconciler | None = None
 
@@ -263,3 +266,38 @@ async def namespace_event(type: str | None, memo: Any, **kwargs: Any) -> None:
 
 
 __all__ = ["DEFAULT_GATEWAY", "Runtime"]
+
+
+# --- the chart's default gateway ---------------------------------------------------------------
+
+
+@kopf.on.resume("", "v1", "configmaps", labels={LABEL_DEFAULT_GATEWAY: kopf.PRESENT})
+@kopf.on.create("", "v1", "configmaps", labels={LABEL_DEFAULT_GATEWAY: kopf.PRESENT})
+@kopf.on.update("", "v1", "configmaps", labels={LABEL_DEFAULT_GATEWAY: kopf.PRESENT})
+async def default_gateway_spec(
+    body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: Any
+) -> None:
+    """Apply the default EgressGateway from the chart's ConfigMap (see defaultgw.py)."""
+    runtime = _runtime(memo)
+    if runtime.default_gateway_spec != f"{namespace}/{name}":
+        return  # another release's, or no --default-gateway-spec: not ours
+    if runtime.reconciler is None:
+        raise kopf.TemporaryError("the operator is still starting", delay=1)
+    try:
+        gateway = gateway_from_configmap(body, gateway=runtime.settings.default_gateway)
+    except SpecError as exc:
+        raise kopf.PermanentError(str(exc)) from exc
+    try:
+        await runtime.reconciler.client.apply(gateway)
+    except ApiError as exc:
+        message = f"applying the default gateway from {namespace}/{name}: {exc}"
+        if exc.retryable or exc.status in (403, 404):  # RBAC or the CRD not served yet
+            raise kopf.TemporaryError(message, delay=5) from exc
+        _emit(body, type="Warning", reason="DefaultGatewayRejected", message=message)
+        raise kopf.PermanentError(message) from exc
+    log.info(
+        "applied the default gateway %s from %s/%s",
+        runtime.settings.default_gateway,
+        namespace,
+        name,
+    )

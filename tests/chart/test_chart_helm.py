@@ -94,29 +94,52 @@ def test_rbac_least_privilege() -> None:
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
 
 
-def test_crds_come_from_the_chart_crds_folder() -> None:
-    """Helm installs crds/ before rendering templates (so the default EgressGateway and the
-    ClusterKopfPeering can be plain release objects), never upgrades or deletes them."""
-    assert not by_kind(render(), "CustomResourceDefinition")
-    crds = {
-        d["metadata"]["name"]: d
-        for d in by_kind(render(extra=("--include-crds",)), "CustomResourceDefinition")
-    }
+def test_crds_are_release_objects() -> None:
+    """Our CRDs are templates (so `helm upgrade` updates them), identical to crds/ apart
+    from the chart's labels and the keep policy; kopf's stay in Helm's crds/ folder."""
+    crds = {d["metadata"]["name"]: d for d in by_kind(render(), "CustomResourceDefinition")}
     for path in (ROOT / "crds").glob("*.yaml"):
         source = yaml.safe_load(path.read_text())
-        assert crds[source["metadata"]["name"]] == source
-    assert "clusterkopfpeerings.kopf.dev" in crds and "kopfpeerings.kopf.dev" in crds
+        rendered = crds.pop(source["metadata"]["name"])
+        assert rendered["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+        assert rendered["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+        assert strip_helm_metadata(rendered) == source
+    assert not crds, "only ours are templates"
+    assert not by_kind(render("crds.enabled=false"), "CustomResourceDefinition")
+    for crd in by_kind(render("crds.keep=false"), "CustomResourceDefinition"):
+        assert "annotations" not in crd["metadata"]
+    with_folder = by_kind(render(extra=("--include-crds",)), "CustomResourceDefinition")
+    assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= {
+        d["metadata"]["name"] for d in with_folder
+    }
 
 
 def test_default_gateway() -> None:
-    (gw,) = by_kind(render(), "EgressGateway")
-    assert gw["metadata"] == gw["metadata"] | {"name": "default", "namespace": "tidegate-system"}
-    assert gw["spec"] == {}
-    assert "helm.sh/hook" not in gw["metadata"].get("annotations", {})
-    docs = render("defaultGateway.spec.mode=Audit", "defaultGateway.spec.service.scheme=internal")
-    (gw,) = by_kind(docs, "EgressGateway")
-    assert gw["spec"] == {"mode": "Audit", "service": {"scheme": "internal"}}
-    assert not by_kind(render("defaultGateway.create=false"), "EgressGateway")
+    """No EgressGateway in the release (its CRD is one): its spec in a ConfigMap that the
+    operator applies it from, and a Role to create exactly that."""
+    docs = render()
+    assert not by_kind(docs, "EgressGateway")
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-gateway")]
+    assert cm["metadata"]["name"] == "tidegate-default-gateway"
+    assert cm["metadata"]["labels"]["tidegate.io/default-gateway"] == "default"
+    assert yaml.safe_load(cm["data"]["spec.yaml"]) == {}
+    (dep,) = by_kind(docs, "Deployment")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--default-gateway-spec=tidegate-system/tidegate-default-gateway" in args
+    (role,) = by_kind(docs, "Role")
+    assert role["rules"] == [
+        {"apiGroups": ["tidegate.io"], "resources": ["egressgateways"], "verbs": ["create"]}
+    ]
+    (binding,) = by_kind(docs, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    docs = render("defaultGateway.spec.mode=Audit", "defaultGateway.spec.replicas=3")
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-gateway")]
+    assert yaml.safe_load(cm["data"]["spec.yaml"]) == {"mode": "Audit", "replicas": 3}
+    off = render("defaultGateway.create=false")
+    assert not by_kind(off, "ConfigMap") and not by_kind(off, "Role")
+    (dep,) = by_kind(off, "Deployment")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [a for a in args if a.startswith("--default-gateway-spec")]
     (peering,) = by_kind(render(), "ClusterKopfPeering")
     assert peering["metadata"]["name"] == "tidegate"
     assert not by_kind(render("peering.create=false"), "ClusterKopfPeering")
@@ -287,4 +310,4 @@ def test_monitoring_objects() -> None:
     dashboard = json.loads(cm["data"]["tidegate.json"])
     assert dashboard["uid"] == "tidegate" and dashboard["panels"]
     assert not {"PodMonitor", "PrometheusRule", "ServiceMonitor"} & {d["kind"] for d in render()}
-    assert not [d for d in by_kind(render(), "ConfigMap")]
+    assert not [d for d in by_kind(render(), "ConfigMap") if "dashboard" in d["metadata"]["name"]]

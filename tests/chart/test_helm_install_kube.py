@@ -4,18 +4,24 @@ A control plane of its own (a few seconds to start), so `helm install` meets a c
 nothing in it - exactly what a user's first install meets - and no other test's CRDs.
 
 1. `helm install tidegate charts/tidegate -n tidegate-system --create-namespace`;
-2. the CRDs, the operator's workload and RBAC, the ClusterKopfPeering and the default
-   EgressGateway exist;
+2. the CRDs (release objects with the keep policy), the operator's workload and RBAC, the
+   ClusterKopfPeering and the default gateway's spec ConfigMap exist;
 3. the operator, started locally with the chart's arguments and the token of the chart's
-   ServiceAccount (so with exactly the chart's RBAC, and with peering on), reconciles the
-   default gateway and accepts an example policy;
-4. `helm uninstall` removes the workload and keeps the CRDs (Helm never deletes what it
-   installed from a chart's crds/ folder), so no policy is deleted by accident.
+   ServiceAccount (so with exactly the chart's RBAC, and with peering on), creates the
+   default EgressGateway from that ConfigMap, reconciles it and accepts an example policy;
+4. `helm upgrade` with a new default gateway spec reaches the gateway through the operator;
+5. `helm uninstall` removes the workload and the default gateway (garbage-collected with
+   its ConfigMap) and keeps the CRDs (helm.sh/resource-policy: keep), so no policy is
+   deleted by accident.
+
+A second test upgrades a release to a chart whose CRD has a new field, on the real API
+server: `helm upgrade` updates the CRD, and the field is kept where it was pruned before.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -93,8 +99,12 @@ def test_helm_install_then_the_operator_reconciles(
     )
     assert _get(cp, "clusterrole", "tidegate-operator") is not None
     assert _get(cp, "clusterkopfpeering", "tidegate") is not None
-    gateway = _get(cp, "egressgateway", "default", "-n", NS)
-    assert gateway is not None and gateway["spec"]["mode"] == "Enforce"
+    crd = _get(cp, "crd", "egressgateways.tidegate.io") or {}
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert crd["metadata"]["annotations"]["meta.helm.sh/release-name"] == "tidegate"
+    spec_cm = _get(cp, "configmap", "tidegate-default-gateway", "-n", NS)
+    assert spec_cm is not None
+    assert _get(cp, "egressgateway", "default", "-n", NS) is None, "the operator creates it"
 
     # The operator as its pod runs it: the chart's arguments, the chart's identity.
     args = [a for a in container.get("args", []) if not a.startswith(("--liveness", "--metrics"))]
@@ -115,6 +125,18 @@ def test_helm_install_then_the_operator_reconciles(
             stderr=subprocess.STDOUT,
         )
     try:
+        gateway = _wait(
+            "the default gateway, applied by the operator",
+            lambda: _get(cp, "egressgateway", "default", "-n", NS),
+            log=log,
+        )
+        assert gateway["spec"]["mode"] == "Enforce"  # the CRD's default
+        (owner,) = gateway["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"], owner["uid"]) == (
+            "ConfigMap",
+            "tidegate-default-gateway",
+            spec_cm["metadata"]["uid"],
+        )
         bundle = _wait(
             "the default gateway's bundle",
             lambda: _get(cp, "configmap", "default-bundle", "-n", NS),
@@ -142,6 +164,39 @@ def test_helm_install_then_the_operator_reconciles(
         _wait("ci/ci-runners Accepted", accepted, log=log)
         listing = cp.kubectl("get", "egp", "-A").stdout
         assert "ci-runners" in listing and "Enforce" in listing
+
+        # helm upgrade changes the ConfigMap; the operator applies it to the gateway.
+        cp.helm(
+            "upgrade",
+            "tidegate",
+            str(ROOT / "charts" / "tidegate"),
+            "-n",
+            NS,
+            "--reuse-values",
+            "--set",
+            "defaultGateway.spec.mode=Audit",
+        )
+
+        def audit_mode() -> bool:
+            gw = _get(cp, "egressgateway", "default", "-n", NS) or {}
+            return bool((gw.get("spec") or {}).get("mode") == "Audit")
+
+        _wait("the default gateway in Audit mode after helm upgrade", audit_mode, log=log)
+
+        # helm uninstall while the operator still runs (as its pods do while Helm deletes
+        # the release): the ConfigMap goes, the garbage collector takes the gateway with it.
+        cp.helm("uninstall", "tidegate", "-n", NS)
+        assert _get(cp, "deployment", "tidegate-operator", "-n", NS) is None
+        assert _get(cp, "configmap", "tidegate-default-gateway", "-n", NS) is None
+        if cp.has_controller_manager:
+            # Deleted by the garbage collector. (Whether its finalizer can still be cleared
+            # once Helm has removed the operator's RBAC is the operator's lifecycle, tested
+            # in tests/operator/.)
+            def collected() -> bool:
+                gw = _get(cp, "egressgateway", "default", "-n", NS)
+                return gw is None or bool(gw["metadata"].get("deletionTimestamp"))
+
+            _wait("the default gateway garbage-collected", collected, timeout=60, log=log)
     finally:
         operator.terminate()
         try:
@@ -150,9 +205,56 @@ def test_helm_install_then_the_operator_reconciles(
             operator.kill()
             operator.wait(5)
 
-    cp.helm("uninstall", "tidegate", "-n", NS)
-    assert _get(cp, "deployment", "tidegate-operator", "-n", NS) is None
     assert _get(cp, "crd", "egresspolicies.tidegate.io") is not None, (
         "helm uninstall must keep the CRDs"
     )
     assert _get(cp, "egresspolicy", "ci-runners", "-n", "ci") is not None
+
+
+def test_helm_upgrade_updates_a_crd(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config, tmp_path: Path
+) -> None:
+    """A chart version whose EgressGateway CRD has a new field: before the upgrade the API
+    server prunes it, after `helm upgrade` it keeps it."""
+    workdir = tmp_path_factory.mktemp("upgrade-cluster")
+    cp = start_control_plane(workdir, ensure_binaries(pytestconfig))
+    try:
+        chart = tmp_path / "tidegate"
+        shutil.copytree(ROOT / "charts" / "tidegate", chart)
+        values = ("--set", "defaultGateway.create=false")
+        cp.helm("install", "tg", str(chart), "-n", NS, "--create-namespace", *values)
+
+        def apply_with_new_field() -> dict[str, Any]:
+            gateway = {
+                "apiVersion": "tidegate.io/v1alpha1",
+                "kind": "EgressGateway",
+                "metadata": {"name": "probe", "namespace": NS},
+                "spec": {"mode": "Audit", "upgradeProbe": "kept"},
+            }
+            cp.kubectl("apply", "--validate=false", "-f", "-", input=json.dumps(gateway))
+            return _get(cp, "egressgateway", "probe", "-n", NS) or {}
+
+        assert "upgradeProbe" not in apply_with_new_field()["spec"], "pruned before"
+
+        template = chart / "templates" / "crds" / "tidegate.io_egressgateways.yaml"
+        text = template.read_text()
+        # A new property first among spec's properties.
+        at = text.index("              properties:\n", text.index("            spec:\n"))
+        at += len("              properties:\n")
+        new_field = "                upgradeProbe:\n                  type: string\n"
+        template.write_text(text[:at] + new_field + text[at:])
+        chart_yaml = chart / "Chart.yaml"
+        chart_yaml.write_text(chart_yaml.read_text().replace("version: 0.1.0", "version: 0.2.0"))
+        cp.helm("upgrade", "tg", str(chart), "-n", NS, *values)
+        crd = _get(cp, "crd", "egressgateways.tidegate.io") or {}
+        schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        assert schema["properties"]["spec"]["properties"]["upgradeProbe"] == {"type": "string"}
+        assert crd["metadata"]["labels"]["helm.sh/chart"] == "tidegate-0.2.0"
+        _wait(
+            "the new field kept",
+            lambda: apply_with_new_field()["spec"].get("upgradeProbe") == "kept",
+        )
+        cp.helm("uninstall", "tg", "-n", NS)
+        assert _get(cp, "crd", "egressgateways.tidegate.io") is not None
+    finally:
+        cp.stop()
