@@ -152,7 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="gateway of policies without gatewayRef (default: tidegate-system/default)",
     )
     parser.add_argument(
-<<<<<<< HEAD
         "--cluster-domain",
         type=_domain,
         default="cluster.local",
@@ -175,14 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="pod_cidrs",
         metavar="CIDR",
         help="the cluster's pod range, put in NO_PROXY (repeatable)",
-=======
+    )
+    parser.add_argument(
         "--default-gateway-spec",
         type=_namespaced_name,
         default=None,
         metavar="NS/CONFIGMAP",
         help="create and update the --default-gateway from this ConfigMap's spec.yaml, owned "
         "by the ConfigMap (the Helm chart's; default: none)",
->>>>>>> 75538c5 (Chart: tidegate CRDs are templates generated from crds/ (hack/gen-chart-crds.py, checked) behind crds.enabled/crds.keep, so helm upgrade updates them (tested: a new CRD field on a real apiserver); the default gateway's spec ships as a ConfigMap that the operator applies it from (--default-gateway-spec, owned by the ConfigMap, a namespaced Role to create it), since one release cannot hold a CRD and an object of it; docs/helm.md install/upgrade/uninstall)
     )
     parser.add_argument(
         "--kubeconfig",
