@@ -19,7 +19,6 @@ import yaml
 from .addresses import IPNetwork, parse_network
 from .hosts import Host, HostError, parse_host_pattern
 from .model import (
-    DEFAULT_CLIENT_CIDRS,
     DEFAULT_PORTS,
     DnsSettings,
     Gateway,
@@ -345,10 +344,8 @@ def parse_gateway(obj: Mapping[str, Any], *, default_namespace: str = "tidegate-
         mode = _choice(spec.get("mode"), "spec.mode", ("Enforce", "Audit"), "Enforce")
         action = _choice(spec.get("defaultAction"), "spec.defaultAction", ("Allow", "Deny"), "Deny")
         ports = _ports(spec.get("defaultPorts"), "spec.defaultPorts") or DEFAULT_PORTS
-        raw_clients = spec.get("clientCIDRs")
-        clients = _networks(
-            list(DEFAULT_CLIENT_CIDRS) if raw_clients is None else raw_clients, "spec.clientCIDRs"
-        )
+        # Omitted means nobody, as with no EgressGateway: never an open proxy by default.
+        clients = _networks(spec.get("clientCIDRs"), "spec.clientCIDRs")
         block = _bool(spec.get("blockPrivateDestinations", True), "spec.blockPrivateDestinations")
         exceptions = _networks(
             spec.get("privateDestinationExceptions"), "spec.privateDestinationExceptions"

@@ -17,12 +17,6 @@ Action = Literal["Allow", "Deny"]
 RuleKind = Literal["allow", "deny"]
 
 DEFAULT_PORTS: tuple[int, ...] = (80, 443)
-DEFAULT_CLIENT_CIDRS: tuple[str, ...] = (
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "100.64.0.0/10",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +116,6 @@ class Gateway:
 
 
 __all__ = [
-    "DEFAULT_CLIENT_CIDRS",
     "DEFAULT_PORTS",
     "Action",
     "DnsSettings",

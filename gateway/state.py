@@ -68,6 +68,11 @@ class GatewayState:
             engine = await asyncio.to_thread(Engine, bundle.gateway, bundle.policies)
             self._install(bundle, engine)
         self.metrics.bundle_reloads.labels("success").inc()
+        if not bundle.gateway.client_cidrs:
+            log.warning(
+                "the EgressGateway lists no clientCIDRs: every client is refused"
+                " (client_not_allowed) until it does"
+            )
         log.info(
             "bundle generation %d (sha256 %s, %d policies, %d rules) in force, from %s",
             bundle.generation,

@@ -134,3 +134,26 @@ def test_load_bundle_rejects_truncation() -> None:
     data = compile_bundle(gateway=Gateway(), policies=(), generation=1)
     with pytest.raises(PolicyError, match="not a bundle"):
         load_bundle(data[:-10])
+
+
+def test_omitted_client_cidrs_admit_nobody_like_no_gateway_at_all() -> None:
+    """One rule for the default (issue 9): no clientCIDRs means no client, never the
+    private ranges - behind a load balancer those are everyone."""
+    import ipaddress
+
+    from tidegate.gateway.engine import REASON_CLIENT, Engine
+    from tidegate.gateway.hosts import normalize_host
+    from tidegate.gateway.model import Gateway as GatewayModel
+
+    text = (
+        "apiVersion: tidegate.io/v1alpha1\nkind: EgressGateway\n"
+        "metadata: {name: g, namespace: n}\nspec: {defaultAction: Allow}\n"
+    )
+    docs = parse_documents(text, source="g.yaml")
+    assert docs.gateway is not None
+    assert docs.gateway.client_cidrs == ()
+    for gateway in (docs.gateway, GatewayModel()):
+        engine = Engine(gateway, ())
+        for client in ("10.0.0.5", "192.168.1.1", "127.0.0.1"):
+            decision = engine.decide(ipaddress.ip_address(client), normalize_host("a.com"), 443)
+            assert (decision.verdict, decision.reason) == ("deny", REASON_CLIENT)
