@@ -440,6 +440,7 @@ class ClientConnection(Side):
     async def handle(self, raw_head: bytes) -> None:
         try:
             await self._handle(raw_head)
+            self.task = None  # a finished task must not ride along with an idle tunnel
         except asyncio.CancelledError:
             pass  # the client left, or the WORKING deadline passed (already answered)
         except Exception:  # a bug must cost one connection, never the process
