@@ -51,7 +51,7 @@ else
         || fail "test control plane (hack/control-plane/build.sh; its log names the failing part)"
 fi
 
-echo "==> chart tools (kubeconform, promtool): build or reuse the cache"
+echo "==> chart tools (kubeconform, promtool, the Prometheus Operator CRDs): build or reuse the cache"
 # Built from their Go modules (hack/tools/versions.env); promtool's first build takes 8-18
 # minutes on 2 cores. The chart tests need both: a missing tool fails them, never skips.
 bash hack/tools/build.sh \

@@ -13,7 +13,13 @@
 # A cold build takes ~10 s (kubeconform) and ~8-18 min (promtool, 2 cores). Any failure
 # exits non-zero naming the step, with the tail of the build log.
 #
-# Usage: hack/tools/build.sh [kubeconform|promtool ...]   (default: both)
+# The Prometheus Operator's CRDs (for kubeconform on the chart's ServiceMonitor, PodMonitor
+# and PrometheusRule) are generated the way that project does it: controller-gen (built
+# from its module) over the Go types of its API module, into
+#   $CACHE_ROOT/monitoring-crds-<version>/crds/*.yaml
+#
+# Usage: hack/tools/build.sh [kubeconform|promtool|controller-gen|monitoring-crds ...]
+#        (default: all)
 set -Eeuo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -48,6 +54,7 @@ spec_of() { # tool -> "module version package"
     case "$1" in
         kubeconform) echo "$KUBECONFORM_MODULE $KUBECONFORM_VERSION $KUBECONFORM_MODULE/cmd/kubeconform" ;;
         promtool) echo "$PROMETHEUS_MODULE $PROMETHEUS_VERSION $PROMETHEUS_MODULE/cmd/promtool" ;;
+        controller-gen) echo "$CONTROLLER_TOOLS_MODULE $CONTROLLER_TOOLS_VERSION $CONTROLLER_TOOLS_MODULE/cmd/controller-gen" ;;
         *) log "unknown tool: $1"; exit 2 ;;
     esac
 }
@@ -87,8 +94,41 @@ build_tool() { # tool -> prints the binary's path
     echo "$bin"
 }
 
+monitoring_crds() { # -> prints the folder of the generated CRDs
+    local controller_gen
+    controller_gen="$(build_tool controller-gen)"
+    local root="$CACHE_ROOT/monitoring-crds-$MONITORING_APIS_VERSION"
+    local out="$root/crds" stamp="$root/.stamp"
+    local want="$MONITORING_APIS_MODULE@$MONITORING_APIS_VERSION controller-gen@$CONTROLLER_TOOLS_VERSION recipe=$RECIPE"
+    mkdir -p "$root/src" "$root/logs"
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && compgen -G "$out/*.yaml" >/dev/null; then
+        log "cached: $out"
+        echo "$out"
+        return 0
+    fi
+    STEP="monitoring CRDs from $MONITORING_APIS_MODULE@$MONITORING_APIS_VERSION"
+    CURRENT_LOG="$root/logs/generate.log"
+    log "$STEP -> $out (log: $CURRENT_LOG)"
+    printf 'module tidegate.local/tools/monitoring-crds\n\ngo 1.26.0\n\nrequire %s %s\n' \
+        "$MONITORING_APIS_MODULE" "$MONITORING_APIS_VERSION" >"$root/src/go.mod"
+    printf 'package crds\n\nimport _ "%s/v1"\n' "$MONITORING_APIS_MODULE" >"$root/src/crds.go"
+    rm -rf "$out.tmp"
+    (cd "$root/src" && go mod tidy && "$controller_gen" crd:crdVersions=v1,allowDangerousTypes=true \
+        "paths=$MONITORING_APIS_MODULE/v1" "output:crd:dir=$out.tmp") >"$CURRENT_LOG" 2>&1
+    compgen -G "$out.tmp/*servicemonitors.yaml" >/dev/null || { log "FAILED at step: $STEP (no CRDs written)"; exit 1; }
+    rm -rf "$out"
+    mv "$out.tmp" "$out"
+    echo "$want" >"$stamp"
+    CURRENT_LOG=""
+    echo "$out"
+}
+
 TOOLS=("$@")
-(( ${#TOOLS[@]} )) || TOOLS=(kubeconform promtool)
+(( ${#TOOLS[@]} )) || TOOLS=(kubeconform promtool monitoring-crds)
 for t in "${TOOLS[@]}"; do
-    build_tool "$t"
+    if [[ "$t" == monitoring-crds ]]; then
+        monitoring_crds
+    else
+        build_tool "$t"
+    fi
 done

@@ -24,11 +24,24 @@ def pinned() -> dict[str, str]:
     return out
 
 
+def _cache() -> Path:
+    return Path(os.environ.get("TIDEGATE_TOOLS_CACHE") or Path.home() / ".cache/tidegate/tools")
+
+
+def monitoring_crds() -> list[Path]:
+    """The Prometheus Operator's ServiceMonitor, PodMonitor and PrometheusRule CRDs."""
+    folder = _cache() / f"monitoring-crds-{pinned()['MONITORING_APIS_VERSION']}" / "crds"
+    wanted = ("servicemonitors", "podmonitors", "prometheusrules")
+    found = [folder / f"monitoring.coreos.com_{name}.yaml" for name in wanted]
+    missing = [p for p in found if not p.is_file()]
+    assert not missing, f"no {missing}: run `bash hack/tools/build.sh monitoring-crds`"
+    return found
+
+
 def tool(name: str) -> str:
     """Path of ``name`` (kubeconform or promtool); AssertionError when it is not built."""
     version = pinned()["KUBECONFORM_VERSION" if name == "kubeconform" else "PROMETHEUS_VERSION"]
-    cache = Path(os.environ.get("TIDEGATE_TOOLS_CACHE") or Path.home() / ".cache/tidegate/tools")
-    candidate = cache / f"{name}-{version}" / "bin" / name
+    candidate = _cache() / f"{name}-{version}" / "bin" / name
     if os.access(candidate, os.X_OK):
         return str(candidate)
     found = shutil.which(name)
