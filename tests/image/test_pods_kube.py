@@ -346,6 +346,19 @@ def test_gateway_pod_enforces_and_follows_its_configmap_watch(installed: Install
         info = gw.inspect()
         assert info["HostConfig"]["ReadonlyRootfs"] is True
         assert info["Config"]["User"].split(":")[0] == "65532"
+        # The readiness probe's verdict reaches the Pod object, as a kubelet reports it.
+        reported = wait_for(
+            "the gateway Pod reported Ready",
+            lambda: (
+                (condition(get(installed.cp, "pod", gw.name, "-n", NS), "Ready") or {}).get(
+                    "status"
+                )
+                == "True"
+            ),
+            30,
+            gw.report,
+        )
+        assert reported
         assert curl(net, net.https_url("allowed.test")) == (200, 200), gw.report()
         assert curl(net, net.https_url("other.test"))[0] == 403, gw.report()
 
