@@ -334,6 +334,10 @@ class ClientConnection(Side):
         if self.phase == WORKING:
             return True  # half-closed before the tunnel is up: passed on when it is
         if self.phase != TUNNEL:
+            if self.phase == PREAMBLE and self.buffer:  # logged as what it is
+                self.record.refused(REASON_PROXY_HEADER)
+                self.record.message = "the load balancer closed inside the PROXY protocol header"
+                self.server.metrics.rejected.labels(REASON_PROXY_HEADER).inc()
             self.close()
             return False
         upstream = self.upstream

@@ -219,6 +219,19 @@ def test_a_trusted_peer_without_a_valid_header_is_refused(
     assert rejections(gw, "proxy_protocol") == rejected + 1
 
 
+def test_a_truncated_header_is_logged_as_such(gw: GatewayProcess) -> None:
+    rejected = rejections(gw, "proxy_protocol")
+    sock = from_lb(gw)
+    lb_port = sock.getsockname()[1]
+    sock.sendall(b"PROXY TCP4 198.51.100.7 127.0.0.1 4")
+    sock.shutdown(socket.SHUT_WR)
+    assert recv_until_eof(sock) == b""
+    line = gw.wait_log(lambda r: r.get("via") == f"{LB}:{lb_port}")
+    assert (line["reason"], line["client"]) == ("proxy_protocol", f"{LB}:{lb_port}")
+    assert "closed inside the PROXY protocol header" in line["message"]
+    assert rejections(gw, "proxy_protocol") == rejected + 1
+
+
 def test_header_and_request_split_across_reads(gw: GatewayProcess, net: Net) -> None:
     header = ProxyProtocolV2().pack(v4(CLIENT_V4, 41000))
     sock = from_lb(gw)
