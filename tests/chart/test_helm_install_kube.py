@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from typing import Any
 import pytest
 from fixtures_kube import ControlPlane, ensure_binaries, start_control_plane
 from helmlib import NO_HELM, find_helm
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.kube, pytest.mark.skipif(find_helm() is None, reason=NO_HELM)]
 
@@ -76,6 +78,20 @@ def _wait(what: str, probe: Any, timeout: float = 45, log: Path | None = None) -
     raise AssertionError(f"timed out waiting for {what}\n{tail}")
 
 
+def _operator_metric(port: int, name: str, **labels: str) -> float | None:
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return float(sample.value)
+    return None
+
+
 def test_helm_install_then_the_operator_reconciles(
     fresh_cluster: ControlPlane, tmp_path: Path
 ) -> None:
@@ -110,6 +126,7 @@ def test_helm_install_then_the_operator_reconciles(
     args = [a for a in container.get("args", []) if not a.startswith(("--liveness", "--metrics"))]
     kubeconfig = cp.token_for(deployment["spec"]["template"]["spec"]["serviceAccountName"], NS)
     log = tmp_path / "operator.log"
+    metrics_port = _free_port()
     with log.open("wb") as sink:
         operator = subprocess.Popen(
             [
@@ -119,7 +136,7 @@ def test_helm_install_then_the_operator_reconciles(
                 "--kubeconfig",
                 str(kubeconfig),
                 f"--liveness=http://127.0.0.1:{_free_port()}/healthz",
-                f"--metrics-listen=127.0.0.1:{_free_port()}",
+                f"--metrics-listen=127.0.0.1:{metrics_port}",
             ],
             stdout=sink,
             stderr=subprocess.STDOUT,
@@ -142,7 +159,19 @@ def test_helm_install_then_the_operator_reconciles(
             lambda: _get(cp, "configmap", "default-bundle", "-n", NS),
             log=log,
         )
-        assert json.loads(bundle["data"]["bundle.json"])["kind"] == "PolicyBundle"
+        published = json.loads(bundle["data"]["bundle.json"])
+        assert published["kind"] == "PolicyBundle"
+        # The alerts compare this with what the gateway pods load (docs/operations.md).
+        _wait(
+            "the operator's tidegate_operator_bundle_generation",
+            lambda: (
+                _operator_metric(
+                    metrics_port, "tidegate_operator_bundle_generation", gateway=f"{NS}/default"
+                )
+                == published["generation"]
+            ),
+            log=log,
+        )
         _wait(
             "the gateway Deployment",
             lambda: _get(cp, "deployment", "default-gateway", "-n", NS),
