@@ -21,6 +21,7 @@ from .spec import (
     POD_IP,
     RESTART_BACKOFF_MAX,
     STATE_PERIOD,
+    STATUS_PERIOD,
     AtomicDir,
     PodStartError,
     Probe,
@@ -61,7 +62,8 @@ class RunningPod:
     volume_sync: float | None = 1.0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    image: str = ""
+    status_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ----- inspection
 
@@ -226,6 +228,7 @@ class RunningPod:
         next_sync = time.monotonic() + (sync_period or 0)
         backoff = 1.0
         next_state = 0.0
+        next_status = time.monotonic() + STATUS_PERIOD
         while not self._stop.wait(0.2):
             now = time.monotonic()
             try:
@@ -250,6 +253,9 @@ class RunningPod:
                     next_sync = now + sync_period
                     self.sync_volumes()  # ConfigMaps, Secrets, the token when due
                 self._run_probes(now)
+                if now >= next_status:
+                    next_status = now + STATUS_PERIOD
+                    self.runner.report_status(self)
             except Exception as exc:  # a stand-in must keep going and say what happened
                 self.event(f"pod runner error: {type(exc).__name__}: {exc}")
 

@@ -3,7 +3,6 @@ resolves what ``podman kube play`` cannot (API-backed volumes, env, the token) a
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
 import json
@@ -141,41 +140,50 @@ class PodRunner:
         raise PodStartError(f"no Pending pod of deployment {ns}/{meta['name']} in {timeout} s")
 
     def report_status(self, pod: RunningPod) -> None:
-        """Patch the Pod object's status like a kubelet (phase, IPs, conditions)."""
+        """Patch the Pod object's status like a kubelet (phase, IPs, conditions).
+
+        Serialized per pod and built from the state at the moment of sending, so a slow
+        earlier report can never land after, and undo, a newer one; the pod's loop also
+        re-reports periodically, as the kubelet's status manager does."""
         if not pod.pod_object:
             return
-        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        ready = "True" if pod.ready else "False"
-        status = {
-            "phase": "Running",
-            "hostIP": POD_IP,
-            "podIP": POD_IP,
-            "podIPs": [{"ip": POD_IP}],
-            "conditions": [
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
-                {"type": "Initialized", "status": "True", "lastTransitionTime": now},
-                {"type": "ContainersReady", "status": ready, "lastTransitionTime": now},
-                {"type": "Ready", "status": ready, "lastTransitionTime": now},
-            ],
-            "containerStatuses": [
-                {
-                    "name": pod.container,
-                    "image": self.podman.image,
-                    "imageID": "",
-                    "ready": pod.ready,
-                    "started": pod.started,
-                    "restartCount": pod.restarts,
-                    "state": {"running": {"startedAt": now}},
-                }
-            ],
-        }
-        with contextlib.suppress(Exception):
-            self.session.patch(
-                self._url(f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/status"),
-                data=json.dumps({"status": status}),
-                headers={"Content-Type": "application/merge-patch+json"},
-                timeout=10,
-            )
+        with pod.status_lock:
+            now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            ready = "True" if pod.ready else "False"
+            status = {
+                "phase": "Running",
+                "hostIP": POD_IP,
+                "podIP": POD_IP,
+                "podIPs": [{"ip": POD_IP}],
+                "conditions": [
+                    {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+                    {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+                    {"type": "ContainersReady", "status": ready, "lastTransitionTime": now},
+                    {"type": "Ready", "status": ready, "lastTransitionTime": now},
+                ],
+                "containerStatuses": [
+                    {
+                        "name": pod.container,
+                        "image": pod.image,
+                        "imageID": "",
+                        "ready": pod.ready,
+                        "started": pod.started,
+                        "restartCount": pod.restarts,
+                        "state": {"running": {"startedAt": now}},
+                    }
+                ],
+            }
+            try:
+                resp = self.session.patch(
+                    self._url(f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/status"),
+                    data=json.dumps({"status": status}),
+                    headers={"Content-Type": "application/merge-patch+json"},
+                    timeout=10,
+                )
+                if resp.status_code >= 300:
+                    pod.event(f"status report: HTTP {resp.status_code} {resp.text[:200]}")
+            except requests.RequestException as exc:
+                pod.event(f"status report failed: {exc}")
 
     def _token(
         self,
@@ -376,6 +384,7 @@ class PodRunner:
             workdir=workdir,
             api_reachable=api_reachable,
             volume_sync=volume_sync,
+            image=chosen["image"],
         )
 
         # The image: present, or ErrImageNeverPull (no registry to pull from).
@@ -506,8 +515,8 @@ class PodRunner:
         self.podman.run("kube", "play", str(workdir / "play.yaml"), timeout=180)
         running.event(f"Started container {chosen['name']} ({image})")
         self.pods.append(running)
-        running.start()
         self.report_status(running)
+        running.start()
         return running
 
     def _api_address(self, reachable: bool) -> tuple[str, int]:

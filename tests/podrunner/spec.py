@@ -25,6 +25,9 @@ DEFAULT_MODE = 0o644
 RESTART_BACKOFF_MAX = 5.0
 #: Seconds between looks at the container's state (each look is a podman process).
 STATE_PERIOD = 2.0
+#: Seconds between status reports of an unchanged pod (the kubelet's status manager
+#: re-syncs too); a change is reported at once.
+STATUS_PERIOD = 10.0
 
 
 #: The volume the ServiceAccount admission plugin adds to every pod (kube-api-access-*).
