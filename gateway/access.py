@@ -30,9 +30,9 @@ F_BYTES_UP = "bytes_up"
 F_BYTES_DOWN = "bytes_down"
 F_DURATION_MS = "duration_ms"
 F_VIA = "via"  # the load balancer, when the client address came from a PROXY header
-F_TS = "ts"
 
-#: The JSON keys, in the order they are written (``ts`` is added by the writer).
+#: The JSON keys, in the order they are written after the shared log shape's ``time``,
+#: ``level``, ``logger`` and ``msg`` (``gateway/logshape.py``), which the writer adds.
 FIELDS: tuple[str, ...] = (
     F_CLIENT,
     F_VIA,

@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import ipaddress
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from .bundle import Bundle, load_bundle
 from .documents import PolicyError
 from .engine import Engine
 from .hosts import HostError, normalize_host, split_host_port
+from .logshape import configure_logging
 from .server import GatewayOptions, run_gateway
 from .settings import Limits
 from .sources import bundle_from_documents, read_policy_dir
@@ -42,25 +42,6 @@ def _namespaced(text: str) -> tuple[str, str]:
     if not sep or not namespace or not name:
         raise argparse.ArgumentTypeError("expected NAMESPACE/NAME")
     return namespace, name
-
-
-class JsonLogFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter())
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def add_gateway_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

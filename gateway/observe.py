@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover - the gateway package imported on its ow
     _VERSION = "unknown"
 
 from .auditrecord import DEFAULT_CAPACITY, AuditRecord
+from .logshape import access_prefix
 
 FLUSH_INTERVAL = 0.2
 RELOAD_RESULTS = ("success", "error", "unchanged", "stale")
@@ -260,8 +261,9 @@ class AccessLog:
     def write(self, record: dict[str, Any]) -> None:
         if self._stream is None:
             return
-        record["ts"] = round(time.time(), 3)
-        self._lines.append(json.dumps(record, separators=(",", ":")))
+        body = json.dumps(record, separators=(",", ":"))
+        # The shared log shape's four fields first, then the record's own.
+        self._lines.append(access_prefix(time.time()) + (body[1:] if record else "}"))
         if len(self._lines) >= FLUSH_LINES:
             self.flush()
         elif self._handle is None:

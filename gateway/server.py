@@ -20,7 +20,7 @@ from aiohttp import web
 
 from .addresses import IPNetwork
 from .admin import make_admin_app
-from .kubeaccess import from_kubeconfig, in_cluster
+from .kubeaccess import KubeConfigError, load_access
 from .observe import AccessLog, Metrics
 from .proxy import ProxyServer
 from .proxyproto import TrustedPeers
@@ -46,6 +46,35 @@ class GatewayOptions:
     proxy_protocol_from: tuple[IPNetwork, ...] | None = None
 
 
+def unreadable_policies(directory: Path) -> str | None:
+    """Why the policies folder cannot be read at all (None when it can)."""
+    if not directory.exists():
+        return f"policies folder {directory}: no such directory"
+    if not directory.is_dir():
+        return f"policies folder {directory}: not a directory"
+    try:
+        next(iter(directory.iterdir()), None)
+    except OSError as exc:
+        return f"policies folder {directory}: {exc.strerror or exc}"
+    return None
+
+
+def unreadable_bundle(path: Path) -> str | None:
+    """Why neither the bundle file nor its ``.gz`` form can be read (None when one can)."""
+    candidates = [path, path.with_name(path.name + ".gz")]
+    errors = []
+    for candidate in candidates:
+        try:
+            with candidate.open("rb") as f:
+                f.read(1)
+            return None
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            errors.append(f"{candidate}: {exc.strerror or exc}")
+    return "; ".join(errors) or f"bundle {path}: no such file"
+
+
 async def run_gateway(options: GatewayOptions) -> int:
     metrics = Metrics(audit_destinations=options.limits.audit_destinations)
     metrics.connections_limit.set(options.limits.max_connections)
@@ -56,16 +85,29 @@ async def run_gateway(options: GatewayOptions) -> int:
     watched: list[ConfigMapSource] = []
 
     if options.policies is not None:
+        problem = unreadable_policies(options.policies)
+        if problem:
+            log.error("cannot start: %s", problem)
+            return 2
         directory = DirectorySource(options.policies, state, interval=options.reload_interval)
         await directory.load_once()
         polled.append(directory)
     if options.bundle is not None:
+        # In a pod the mounted bundle may not exist yet: the ConfigMap watch supplies it.
+        problem = None if options.configmap else unreadable_bundle(options.bundle)
+        if problem:
+            log.error("cannot start: %s", problem)
+            return 2
         file_source = BundleFileSource(options.bundle, state, interval=options.reload_interval)
         await file_source.load_once()
         polled.append(file_source)
     if options.configmap is not None:
         namespace, name = options.configmap
-        access = from_kubeconfig(options.kubeconfig) if options.kubeconfig else in_cluster()
+        try:
+            access = await load_access(options.kubeconfig)
+        except KubeConfigError as exc:
+            log.error("cannot watch configmap %s/%s: %s", namespace, name, exc)
+            return 2
         watched.append(ConfigMapSource(namespace, name, state, access=access))
     tasks.extend(asyncio.create_task(source.run()) for source in polled)
     tasks.extend(_watch_task(source) for source in watched)

@@ -32,6 +32,8 @@ from .state import GatewayState
 
 log = logging.getLogger("tidegate.gateway.sources")
 
+ACCEPT_JSON = {"Accept": "application/json"}
+
 
 def read_policy_dir(directory: Path) -> Documents:
     files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
@@ -166,12 +168,15 @@ class ConfigMapSource:
         *,
         access: KubeAccess,
         retry_interval: float = 1.0,
+        max_retry_interval: float = 2.0,
     ) -> None:
         self.namespace = namespace
         self.name = name
         self.state = state
         self.access = access
         self.retry_interval = retry_interval
+        # Short on purpose: after an API outage the next bundle arrives within seconds.
+        self.max_retry_interval = max_retry_interval
 
     async def _apply(self, obj: dict[str, object]) -> None:
         source = f"configmap {self.namespace}/{self.name}"
@@ -193,12 +198,9 @@ class ConfigMapSource:
         delay = self.retry_interval
         while True:
             try:
-                async with aiohttp.ClientSession(timeout=timeout) as session:
-                    ssl_context = self.access.ssl_context()
+                async with self.access.session(timeout=timeout, limit=2) as session:
                     params = {"fieldSelector": selector}
-                    async with session.get(
-                        url, params=params, headers=self.access.headers(), ssl=ssl_context
-                    ) as resp:
+                    async with session.get(url, params=params, headers=ACCEPT_JSON) as resp:
                         if resp.status != 200:
                             raise RuntimeError(f"list: HTTP {resp.status} {await resp.text()}")
                         listing = await resp.json()
@@ -212,9 +214,7 @@ class ConfigMapSource:
                         "allowWatchBookmarks": "true",
                         "timeoutSeconds": "300",
                     }
-                    async with session.get(
-                        url, params=params, headers=self.access.headers(), ssl=ssl_context
-                    ) as resp:
+                    async with session.get(url, params=params, headers=ACCEPT_JSON) as resp:
                         if resp.status != 200:
                             raise RuntimeError(f"watch: HTTP {resp.status}")
                         async for line in resp.content:
@@ -237,6 +237,6 @@ class ConfigMapSource:
                     delay,
                 )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)  # back off while the API server is away
+                delay = min(delay * 2, self.max_retry_interval)
                 continue
             delay = self.retry_interval

@@ -46,6 +46,7 @@ from .auditrecord import rfc3339
 from .bundle import Bundle
 from .engine import REASON_RULE_DENY, Engine
 from .hosts import Host, HostError, HostPattern, normalize_host
+from .logshape import TIME, epoch_of
 from .model import Policy
 from .suffixes import Suffixes, default_suffixes
 
@@ -220,7 +221,7 @@ def parse_line(text: str) -> Line | None:
         return None
     client = _peer_address(record.get(F_CLIENT))
     namespace = record.get(F_CLIENT_NAMESPACE)
-    ts = record.get(F_TS)
+    ts = epoch_of(record.get(TIME, record.get(F_TS)))  # older lines carry an epoch "ts"
     return Line(
         verdict=verdict,
         reason=reason if isinstance(reason, str) else "",
@@ -228,7 +229,7 @@ def parse_line(text: str) -> Line | None:
         port=port,
         client=client,
         namespace=namespace if isinstance(namespace, str) and namespace else None,
-        ts=float(ts) if isinstance(ts, int | float) and not isinstance(ts, bool) else 0.0,
+        ts=ts or 0.0,
         policy=record.get(F_POLICY) if isinstance(record.get(F_POLICY), str) else None,
         rule=record.get(F_RULE) if isinstance(record.get(F_RULE), str) else None,
     )

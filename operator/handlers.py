@@ -14,11 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import aiohttp
 import kopf
+
+from tidegate.gateway.kubeaccess import KubeAccess, KubeConfigError, load_access
 
 from .binding import DEFAULT_GATEWAY, gateway_key_of, make_entry
 from .defaultgw import LABEL_DEFAULT_GATEWAY, SpecError, gateway_from_configmap
-from .kubeapi import ApiError, Credentials, KubeClient, discover
+from .kubeapi import ApiError, KubeClient
 from .metrics import Metrics
 from .reconcile import Reconciler, Settings, Views
 from .render import LABEL_GATEWAY, LABEL_MANAGED_BY, MANAGER
@@ -41,7 +44,8 @@ class Runtime:
     resync_seconds: float = RESYNC_SECONDS
     #: "namespace/name" of the ConfigMap the default gateway is applied from (the chart's).
     default_gateway_spec: str | None = None
-    credentials: Credentials | None = None
+    access: KubeAccess | None = None
+    logins: int = 0
     reconciler: Reconciler | None = None
 
     def attach(self, kwargs: Mapping[str, Any]) -> Reconciler:
@@ -86,8 +90,8 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     )
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
-    runtime.credentials = discover(runtime.kubeconfig)
-    client = KubeClient(runtime.credentials)
+    access = await _access(runtime)
+    client = KubeClient(access)
     runtime.reconciler = Reconciler(client, runtime.settings, runtime.metrics, _emit)
 
 
@@ -99,23 +103,36 @@ async def cleanup(memo: Any, **_: Any) -> None:
         await runtime.reconciler.client.close()
 
 
+async def _access(runtime: Runtime) -> KubeAccess:
+    if runtime.access is None:
+        try:
+            runtime.access = await load_access(runtime.kubeconfig)
+        except KubeConfigError as exc:
+            raise kopf.PermanentError(str(exc)) from None
+    return runtime.access
+
+
 @kopf.on.login()
-def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
-    """``--kubeconfig`` if given, else in-cluster, else $KUBECONFIG / ~/.kube/config."""
-    creds = discover(_runtime(memo).kubeconfig)
-    token = creds.current_token()
-    return kopf.ConnectionInfo(
-        server=creds.server,
-        ca_path=creds.ca_file,
-        ca_data=creds.ca_data,
-        insecure=creds.insecure,
-        scheme="Bearer" if token else None,
-        token=token,
-        certificate_path=creds.cert_file,
-        private_key_path=creds.key_file,
-        certificate_data=creds.cert_data,
-        private_key_data=creds.key_data,
-        default_namespace=creds.default_namespace,
+async def login(memo: Any, **_: Any) -> kopf.AiohttpSession:
+    """kopf signs in through the same credentials as the operator's writes and the gateway.
+
+    kopf's built-in logins use the synchronous ``kubernetes`` package (or pykube), ignore
+    ``--kubeconfig`` and refresh an exec plugin's token only after a 401; this hands kopf a
+    session whose every request carries the shared, refreshed credentials instead. kopf
+    calls it again after a 401 that survived a refresh: then the source is loaded afresh.
+    """
+    runtime = _runtime(memo)
+    try:
+        access = await _access(runtime)
+        if runtime.logins:
+            await access.reauthenticate(await access.authorization())
+    except KubeConfigError as exc:
+        raise kopf.LoginError(str(exc)) from None
+    runtime.logins += 1
+    return kopf.AiohttpSession(
+        server=access.server,
+        default_namespace=access.default_namespace,
+        aiohttp_session=access.session(timeout=aiohttp.ClientTimeout(), limit=0),
     )
 
 

@@ -21,6 +21,8 @@ import sys
 from collections.abc import Sequence
 
 from tidegate.gateway.cli import listen_address
+from tidegate.gateway.kubeaccess import KubeConfigError, load_access
+from tidegate.gateway.logshape import use_shared_shape
 
 from .render import DEFAULT_IMAGE
 
@@ -240,6 +242,7 @@ def run(argv: Sequence[str]) -> int:
     from .reconcile import Settings
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.JSON, log_refkey="object")
+    use_shared_shape()  # the gateway's JSON shape, kopf's object reference kept as "object"
     quiet_kopf_chatter()
     settings = kopf.OperatorSettings()
     settings.peering.lifetime = args.peering_lifetime
@@ -265,22 +268,29 @@ def run(argv: Sequence[str]) -> int:
         "metrics on %s:%d, liveness on %s", host, port, args.liveness
     )
     namespaces: list[str] = args.namespaces or []
-    try:
-        asyncio.run(
-            kopf.operator(
-                clusterwide=not namespaces,
-                namespaces=namespaces,
-                standalone=True if args.standalone else None,
-                peering_name=None if args.standalone else args.peering,
-                priority=_priority(args.priority),
-                settings=settings,
-                liveness_endpoint=args.liveness,
-                memo=kopf.Memo(runtime=runtime),
-            )
+
+    async def operate() -> int:
+        try:  # sign in before kopf starts, so a bad kubeconfig is one line and exit 2
+            runtime.access = await load_access(args.kubeconfig)
+        except KubeConfigError as exc:
+            logging.getLogger("tidegate.operator").error("cannot sign in: %s", exc)
+            return 2
+        await kopf.operator(
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            standalone=True if args.standalone else None,
+            peering_name=None if args.standalone else args.peering,
+            priority=_priority(args.priority),
+            settings=settings,
+            liveness_endpoint=args.liveness,
+            memo=kopf.Memo(runtime=runtime),
         )
+        return 0
+
+    try:
+        return asyncio.run(operate())
     except KeyboardInterrupt:
         return 130
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

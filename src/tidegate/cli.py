@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_check_parser(sub)
     cli.add_suggest_parser(sub)
     sub.add_parser("operator", help="run the Kubernetes operator (see tidegate operator --help)")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # a wrong flag: the subcommand's usage, not the top level's
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     runners = {
         "gateway": cli.run_gateway_command,
         "check": cli.run_check_command,

@@ -25,6 +25,7 @@ import yaml
 from tidegate.gateway.documents import parse_documents, parse_gateway
 from tidegate.gateway.engine import Engine
 from tidegate.gateway.hosts import normalize_host
+from tidegate.gateway.logshape import iso_time
 from tidegate.gateway.suffixes import default_suffixes
 from tidegate.gateway.suggest import (
     Progress,
@@ -166,6 +167,17 @@ def test_ports_are_listed_and_only_those() -> None:
 def test_counts_and_last_seen_are_comments() -> None:
     logs = [line("a.example.org", ts=NOW - 60), line("a.example.org", ts=NOW - 5)]
     text = suggest_policy(logs)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(NOW - 5))
+    assert f'host: "a.example.org"  # 2 requests, last seen {stamp}' in text
+
+
+def test_reads_the_shared_log_shapes_iso_time() -> None:
+    """Access lines carry ``time`` (ISO 8601); older ones an epoch ``ts``: both count."""
+    old = json.loads(line("a.example.org", ts=NOW - 60))
+    new = json.loads(line("a.example.org"))
+    del new["ts"]
+    new = {"time": iso_time(NOW - 5), "level": "info", "logger": "tidegate.access"} | new
+    text = suggest_policy([json.dumps(old), json.dumps(new)])
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(NOW - 5))
     assert f'host: "a.example.org"  # 2 requests, last seen {stamp}' in text
 

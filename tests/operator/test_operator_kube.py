@@ -30,8 +30,9 @@ from kubehelpers import (
 
 from tidegate.gateway.bundle import load_bundle
 from tidegate.gateway.documents import parse_gateway
+from tidegate.gateway.kubeaccess import load_access
 from tidegate.operator.binding import make_entry
-from tidegate.operator.kubeapi import ApiError, KubeClient, from_kubeconfig
+from tidegate.operator.kubeapi import ApiError, KubeClient
 from tidegate.operator.reconcile import Reconciler, Views
 from tidegate.operator.render import Names, Owner
 
@@ -778,7 +779,7 @@ def test_conflicting_write_is_retried(cluster: ControlPlane) -> None:
     owner = Owner(ns, ns_obj["metadata"]["uid"], api_version="v1", kind="Namespace")
 
     async def scenario() -> _ConflictingClient:
-        client = _ConflictingClient(cluster, from_kubeconfig(cluster.kubeconfig))
+        client = _ConflictingClient(cluster, await load_access(cluster.kubeconfig))
         try:
             reconciler = Reconciler(client)
             reconciler.views = Views(policies={f"{ns}/gw": [make_entry(policy)]})
