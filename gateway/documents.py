@@ -393,6 +393,8 @@ def parse_documents(text: str, *, source: str = "<stream>") -> Documents:
         try:
             if not isinstance(doc, Mapping):
                 raise PolicyError("a document must be a mapping")
+            if doc.get("apiVersion") == "v1" and doc.get("kind") == "Namespace":
+                continue  # lets one file serve kubectl apply (which needs it) and a folder
             if doc.get("apiVersion") != API_VERSION:
                 raise PolicyError(
                     f"apiVersion {doc.get('apiVersion')!r} is not {API_VERSION}",

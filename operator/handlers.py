@@ -8,6 +8,7 @@ work out which gateway(s) the event concerns, and request a pass for them. The w
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -29,6 +30,9 @@ from .render import LABEL_GATEWAY, LABEL_MANAGED_BY, MANAGER
 GROUP, VERSION = "tidegate.io", "v1alpha1"
 POLICIES, GATEWAYS = "egresspolicies", "egressgateways"
 RESYNC_SECONDS = 60.0
+#: Delays between retries of a failed API call (kopf's watches and patches): about ten
+#: minutes of 2 s retries before kopf gives up on one call.
+API_RETRY_BACKOFFS = (0.5, 1.0, 1.0, *([2.0] * 300))
 OWNED = {LABEL_MANAGED_BY: MANAGER}
 
 log = logging.getLogger("tidegate.operator")
@@ -90,6 +94,9 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     )
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
+    # kopf's default back-off (1, 1, 2, 3, 5, 8, 13, 21 s) left the watches up to 21 s
+    # behind an API server that came back from an outage; retry every 1-2 s instead.
+    settings.networking.error_backoffs = API_RETRY_BACKOFFS
     access = await _access(runtime)
     client = KubeClient(access)
     runtime.reconciler = Reconciler(client, runtime.settings, runtime.metrics, _emit)
@@ -216,14 +223,39 @@ async def gateway_resync(
 
     A kopf daemon rather than one loop of our own: kopf stops daemons while peering has
     paused this replica, so a standby (whose indexes no longer move) never publishes a stale
-    bundle over the active replica's.
+    bundle over the active replica's. It carries no finalizer (see
+    :func:`without_finalizer`), so it ends by itself once the gateway leaves the index.
     """
     runtime = _runtime(memo)
+    key = f"{namespace or ''}/{name}"
     while not stopped:
         await stopped.wait(runtime.resync_seconds)
-        if stopped:
-            break
-        runtime.attach(kwargs).request(f"{namespace or ''}/{name}")
+        if stopped or key not in kwargs["gateway_index"]:
+            break  # stopped, or the gateway was deleted (no finalizer told kopf to stop us)
+        runtime.attach(kwargs).request(key)
+
+
+def without_finalizer(fn: Any, registry: Any = None) -> int:
+    """Register daemon ``fn`` without the finalizer kopf gives every daemon.
+
+    kopf puts a finalizer on each object a daemon runs for, so that it can stop the daemon
+    before the object goes. Ours needs no such care - it holds nothing and exits when the
+    gateway leaves the index - and the finalizer outlived the operator: ``helm uninstall``
+    removes the operator and the default EgressGateway together, the gateway then waited
+    forever for a finalizer nobody would remove, and its namespace never went away. Objects
+    that still carry the finalizer from an older operator lose it on their next event
+    ("no handlers requiring it"). Returns how many handlers were changed.
+    """
+    spawning = (registry or kopf.get_default_registry())._spawning
+    changed = 0
+    for i, handler in enumerate(spawning._handlers):
+        if getattr(handler, "fn", None) is fn and handler.requires_finalizer:
+            spawning._handlers[i] = dataclasses.replace(handler, requires_finalizer=False)
+            changed += 1
+    return changed
+
+
+without_finalizer(gateway_resync)
 
 
 @kopf.on.event(GROUP, VERSION, GATEWAYS)

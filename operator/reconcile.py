@@ -70,6 +70,8 @@ log = logging.getLogger("tidegate.operator")
 
 GROUP_VERSION = "tidegate.io/v1alpha1"
 CONFLICT_RETRIES = 5
+#: What the 422 fallback's merge patch leaves out (identity, and what the server owns).
+_NOT_PATCHED = frozenset({"apiVersion", "kind", "metadata", "status"})
 STATUS_CONCURRENCY = 16
 
 
@@ -135,6 +137,7 @@ class Reconciler:
         self.views = Views()
         self._dirty: set[str] = set()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._wake: dict[str, asyncio.Event] = {}
         self._hpa_absent: set[str] = set()
         self._gauged: set[str] = set()
         self._audit_due: dict[str, float] = {}  # gateway key -> monotonic time of next gather
@@ -147,6 +150,9 @@ class Reconciler:
     def request(self, key: str) -> None:
         """Ask for a pass over gateway ``ns/name`` soon; cheap, idempotent, coalescing."""
         self._dirty.add(key)
+        wake = self._wake.get(key)
+        if wake is not None:
+            wake.set()  # a new change ends a retry back-off at once (e.g. after an outage)
         task = self._tasks.get(key)
         if task is None or task.done():
             self._idle.clear()
@@ -180,7 +186,13 @@ class Reconciler:
                         exc_info=not isinstance(exc, ApiError),
                     )
                     self._dirty.add(key)
-                    await asyncio.sleep(backoff)
+                    wake = self._wake[key] = asyncio.Event()
+                    try:
+                        await asyncio.wait_for(wake.wait(), backoff)
+                    except TimeoutError:
+                        pass
+                    finally:
+                        self._wake.pop(key, None)
                     backoff = min(backoff * 2, self.settings.max_backoff_seconds)
         finally:
             if all(t.done() or t is asyncio.current_task() for t in self._tasks.values()):
@@ -441,7 +453,7 @@ class Reconciler:
         deployment: dict[str, Any] | None = None
         service: dict[str, Any] | None = None
         for obj in objects:
-            applied = await self.client.apply(obj)
+            applied = await self._apply(obj)
             if obj["kind"] == "Deployment":
                 deployment = applied
             elif obj["kind"] == "Service" and obj["metadata"]["name"] == names.workload:
@@ -511,6 +523,34 @@ class Reconciler:
         others = [c for c in desired["conditions"] if c.get("type") != CONDITION]
         desired["conditions"] = others + ([condition] if condition is not None else [])
         return (dict(previous) if previous else None), condition
+
+    async def _apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply; when a hand edit makes that invalid (422), replace our lists.
+
+        Server-side apply merges list entries by key: after someone changed a Service port
+        from 3128 to 8080 by hand, applying port 3128 *adds* it next to 8080, both named
+        ``proxy``, and the API server refuses the result (``spec.ports[1].name: Duplicate
+        value``) - on every retry, forever. A JSON merge patch replaces lists whole, so it
+        puts back exactly the rendered lists (maps are merged, so server-set fields such as
+        ``clusterIP`` stay); the apply after it then succeeds and owns the fields again.
+        """
+        try:
+            return await self.client.apply(obj)
+        except ApiError as exc:
+            if exc.status != 422:
+                raise
+            meta = obj["metadata"]
+            log.warning(
+                "applying %s %s/%s was refused (%s); a hand edit is in the way: replacing the"
+                " rendered fields, then applying again",
+                obj["kind"],
+                meta.get("namespace"),
+                meta["name"],
+                exc.message,
+            )
+            body = {k: v for k, v in obj.items() if k not in _NOT_PATCHED}
+            await self.client.merge_patch(path_of(obj), body)
+            return await self.client.apply(obj)
 
     # --- status -----------------------------------------------------------------------------
 

@@ -585,6 +585,26 @@ class ControlPlane:
 
     # ----- lifecycle
 
+    def _apiserver(self) -> _Server:
+        return next(s for s in self._servers if s.name == "kube-apiserver")
+
+    def stop_apiserver(self) -> None:
+        """An API outage: stop kube-apiserver (etcd and the rest keep running)."""
+        self._apiserver().stop()
+
+    def start_apiserver(self, timeout: float = 90) -> None:
+        """End the outage: the same kube-apiserver on the same port, back when ready."""
+        server = self._apiserver()
+        server.start()
+        session = self.session()
+        _wait(
+            self,
+            "kube-apiserver /readyz after a restart",
+            lambda: session.get(f"{self.server}/readyz", timeout=2).status_code == 200,
+            timeout,
+            [server],
+        )
+
     def stop(self) -> None:
         for server in reversed(self._servers):
             server.stop()

@@ -33,7 +33,25 @@ def schema_of(kind: str) -> dict[str, Any]:
     versions = load_crd(kind)["spec"]["versions"]
     (version,) = [v for v in versions if v["name"] == "v1alpha1"]
     schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
-    return schema
+    return _cel_patterns(schema)
+
+
+_MATCHES = re.compile(r"^self\.matches\(r'(.*)'\)$", re.S)
+
+
+def _cel_patterns(node: Any) -> Any:
+    """Give jsonschema the CEL ``self.matches(r'...')`` form checks as patterns, so these
+    pure tests still check host forms (the API server runs the CEL rule itself)."""
+    if isinstance(node, dict):
+        out = {k: _cel_patterns(v) for k, v in node.items()}
+        for rule in node.get("x-kubernetes-validations") or []:
+            m = _MATCHES.match(str(rule.get("rule", "")).strip())
+            if m:
+                out["pattern"] = m.group(1)
+        return out
+    if isinstance(node, list):
+        return [_cel_patterns(v) for v in node]
+    return node
 
 
 def validator(kind: str) -> jsonschema.Draft7Validator:

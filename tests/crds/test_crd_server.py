@@ -157,6 +157,11 @@ CEL_REJECTS = [
     pytest.param(policy({"allow": [{"host": "github.com:443"}]}), ["port"], id="host-port"),
     pytest.param(policy({"allow": [{"host": "github.com/x"}]}), ["without a path"], id="path"),
     pytest.param(
+        policy({"allow": [{"host": "git hub.com"}]}),
+        ["host must be a domain name like"],
+        id="space",
+    ),
+    pytest.param(
         policy({"allow": [{"host": "*.*.example.com"}]}), ["whole label"], id="two-wildcards"
     ),
     pytest.param(policy({"allow": [{"host": "foo*.example.com"}]}), ["whole label"], id="partial"),
@@ -260,6 +265,7 @@ def test_invalid_objects_rejected(kube: Any, obj: dict[str, Any], messages: list
     assert proc.returncode != 0, f"accepted: {obj}"
     assert "is invalid" in proc.stderr or "Invalid" in proc.stderr, proc.stderr
     assert any(m in proc.stderr for m in messages), proc.stderr
+    assert "should match" not in proc.stderr, "a refusal must not quote a regex"
 
 
 def test_explain_teaches_the_api(kube: Any) -> None:

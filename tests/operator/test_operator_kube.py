@@ -560,6 +560,40 @@ def test_proxy_protocol_through_the_operator(
     )
 
 
+def test_hand_edit_of_a_service_port_is_put_back_and_nothing_jams(
+    cluster: ControlPlane, operator: OperatorProcess
+) -> None:
+    """3128 -> 8080 by hand: a plain re-apply would add 3128 next to it, both named "proxy",
+    and be refused (422) on every retry while statuses stay unset."""
+    patch = [{"op": "replace", "path": "/spec/ports/0/port", "value": 8080}]
+    cluster.kubectl(
+        "patch", "service", "default-gateway", "-n", NS, "--type=json", "-p", json.dumps(patch)
+    )
+
+    def ports() -> list[tuple[str, int]]:
+        svc = get(cluster, "service", "default-gateway", NS) or {}
+        return [(p.get("name", ""), p["port"]) for p in svc["spec"]["ports"]]
+
+    wait_for("the Service port put back", lambda: ports() == [("proxy", 3128)], op=operator)
+    cluster.apply(
+        [
+            {
+                "apiVersion": "tidegate.io/v1alpha1",
+                "kind": "EgressPolicy",
+                "metadata": {"name": "after-port-edit", "namespace": NS},
+                "spec": {"allow": [{"host": "after-port-edit.example.com"}]},
+            }
+        ]
+    )
+    wait_for(
+        "a new policy's status after the edit",
+        lambda: ready(get(cluster, "egp", "after-port-edit", NS)).get("reason") == "Accepted",
+        op=operator,
+    )
+    assert "a hand edit is in the way" in operator.log.read_text()
+    cluster.kubectl("delete", "egp", "after-port-edit", "-n", NS)
+
+
 def test_policy_change_bumps_bundle_without_rollout(
     cluster: ControlPlane, operator: OperatorProcess
 ) -> None:

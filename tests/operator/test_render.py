@@ -391,3 +391,19 @@ def test_cli_defaults() -> None:
     assert args.namespaces == ["a", "b"] and args.standalone
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--namespace", "a", "--all-namespaces"])
+
+
+def test_resync_daemon_puts_no_finalizer_on_gateways() -> None:
+    """kopf gives daemons a finalizer; ours must not have one (it outlived the operator on
+    ``helm uninstall``). Fails loudly if kopf's registry changes shape."""
+    import kopf
+
+    from tidegate.operator import handlers
+
+    daemons = [
+        h
+        for h in kopf.get_default_registry()._spawning.get_all_handlers()
+        if getattr(h, "fn", None) is handlers.gateway_resync
+    ]
+    assert len(daemons) == 1
+    assert daemons[0].requires_finalizer is False
