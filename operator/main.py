@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--kubeconfig",
-        help="kubeconfig file (default: in-cluster, else $KUBECONFIG or ~/.kube/config)",
+        help="kubeconfig file(s), :-separated (default: $KUBECONFIG, else in-cluster, else "
+        "~/.kube/config)",
     )
     parser.add_argument(
         "--resync-seconds",
