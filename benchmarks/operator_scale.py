@@ -73,7 +73,7 @@ def main() -> int:
         )
         op = OperatorProcess(cp, operator_kubeconfig(cp), work / "operator.log")
         op.start()
-        cp.kubectl("apply", "-f", str(REPO / "examples" / "gateway.yaml"))
+        cp.kubectl("apply", "-f", str(REPO / "examples" / "standalone" / "gateway.yaml"))
         proc = psutil.Process(op.proc.pid if op.proc else 0)
 
         peak = [0]

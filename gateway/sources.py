@@ -35,8 +35,28 @@ log = logging.getLogger("tidegate.gateway.sources")
 ACCEPT_JSON = {"Accept": "application/json"}
 
 
+def policy_files(directory: Path) -> list[Path]:
+    """``*.yaml`` / ``*.yml`` in the folder and its subfolders, sorted.
+
+    Subfolders are read so that settings meant only for the standalone gateway (the
+    ``examples/standalone/`` EgressGateway) can sit next to policies that ``kubectl apply -f
+    DIR`` - which does not descend without ``-R`` - applies to a cluster. Hidden names are
+    skipped: a mounted ConfigMap's ``..data`` and timestamped folders would repeat files.
+    """
+    out = []
+    for path in directory.rglob("*"):
+        relative = path.relative_to(directory).parts
+        if any(part.startswith(".") for part in relative):
+            continue
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            out.append(path)
+    return sorted(out)
+
+
 def read_policy_dir(directory: Path) -> Documents:
-    files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    if not directory.is_dir():
+        raise NotADirectoryError(f"{directory}: not a directory")
+    files = policy_files(directory)
     parts = []
     for path in files:
         text = path.read_text(encoding="utf-8")
@@ -92,12 +112,15 @@ class DirectorySource(_Polling):
 
     def _files(self) -> list[Path]:
         try:
-            return sorted(p for p in self.directory.iterdir() if p.suffix in (".yaml", ".yml"))
+            return policy_files(self.directory)
         except OSError:
             return []
 
+    def _folders(self) -> list[Path]:
+        return [self.directory, *sorted({p.parent for p in self._files()})]
+
     async def load_once(self) -> bool:
-        signature = (_signature(self._files()), _signature([self.directory]))
+        signature = (_signature(self._files()), _signature(self._folders()))
         if signature == self._signature:
             return False
         self._signature = signature

@@ -191,6 +191,14 @@ def test_helm_install_then_the_operator_reconciles(
             return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
         _wait("ci/ci-runners Accepted", accepted, log=log)
+        # Every example at once, as a user tries next: the chart's gateway stays as it is.
+        before = _get(cp, "egressgateway", "default", "-n", NS)
+        assert before is not None
+        cp.kubectl("apply", "-f", str(ROOT / "examples"))
+        after = _get(cp, "egressgateway", "default", "-n", NS)
+        assert after is not None
+        assert after["metadata"]["generation"] == before["metadata"]["generation"]
+        assert after["spec"] == before["spec"]
         listing = cp.kubectl("get", "egp", "-A").stdout
         assert "ci-runners" in listing and "Enforce" in listing
 

@@ -64,7 +64,7 @@ def errors(obj: dict[str, Any]) -> list[str]:
 
 def tidegate_documents() -> list[tuple[str, dict[str, Any]]]:
     """Every EgressPolicy/EgressGateway in examples/ and in this folder's fixtures."""
-    files = sorted((ROOT / "examples").glob("*.yaml")) + sorted((FIXTURES).glob("*.yaml"))
+    files = sorted((ROOT / "examples").rglob("*.yaml")) + sorted((FIXTURES).glob("*.yaml"))
     docs = []
     for path in files:
         for i, doc in enumerate(yaml.safe_load_all(path.read_text())):

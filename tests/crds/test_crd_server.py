@@ -75,7 +75,7 @@ def test_fixtures_accepted(kube: Any) -> None:
 
 
 def test_examples_accepted(kube: Any) -> None:
-    for path in sorted((ROOT / "examples").glob("*.yaml")):
+    for path in sorted((ROOT / "examples").rglob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if isinstance(doc, dict) and str(doc.get("apiVersion", "")).startswith("tidegate.io/"):
                 doc = copy.deepcopy(doc)

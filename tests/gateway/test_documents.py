@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tidegate.gateway.bundle import compile_bundle, load_bundle
 from tidegate.gateway.documents import PolicyError, parse_documents
@@ -157,3 +158,28 @@ def test_omitted_client_cidrs_admit_nobody_like_no_gateway_at_all() -> None:
         for client in ("10.0.0.5", "192.168.1.1", "127.0.0.1"):
             decision = engine.decide(ipaddress.ip_address(client), normalize_host("a.com"), 443)
             assert (decision.verdict, decision.reason) == ("deny", REASON_CLIENT)
+
+
+def test_kubectl_apply_of_the_examples_folder_brings_no_gateway() -> None:
+    """``kubectl apply -f examples/`` reads only the folder's own files: none may be an
+    EgressGateway (the chart owns the cluster's), while the standalone gateway reads its
+    settings from the subfolder."""
+    kinds = [
+        doc.get("kind")
+        for path in sorted(EXAMPLES.glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
+    assert "EgressGateway" not in kinds and "EgressPolicy" in kinds
+    assert read_policy_dir(EXAMPLES).gateway is not None
+
+
+def test_policy_folder_reads_subfolders_but_not_hidden_ones(tmp_path: Path) -> None:
+    policy = (EXAMPLES / "package-registries.yaml").read_text()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "p.yaml").write_text(policy)
+    (tmp_path / "..data").mkdir()  # a mounted ConfigMap's data folder: its files repeat
+    (tmp_path / "..data" / "p.yaml").write_text(policy)
+    assert [p.key for p in read_policy_dir(tmp_path).policies] == [
+        "tidegate-system/package-registries"
+    ]

@@ -75,7 +75,8 @@ def _bundle(cp: ControlPlane, name: str = "default") -> Any:
 
 
 def test_examples_render_everything(cluster: ControlPlane, operator: OperatorProcess) -> None:
-    cluster.kubectl("apply", "-f", str(REPO / "examples"))
+    # -R: the standalone folder's EgressGateway too (this cluster has no chart to own it)
+    cluster.kubectl("apply", "-R", "-f", str(REPO / "examples"))
     gw = wait_for("the default gateway's bundle", lambda: _gateway_published(cluster), op=operator)
 
     # every example policy lands in the bundle and says so
