@@ -9,6 +9,8 @@ been replaced, so a request that still used an old one would fail with 401.
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -106,3 +108,10 @@ def test_operator_with_expiring_exec_tokens(control_plane: ControlPlane, tmp_pat
         op.stop()
     log = op.log.read_text()
     assert "Traceback" not in log, log[-3000:]
+    # One log shape with the gateway: kopf's lines too, its object reference as "object".
+    records = [json.loads(line) for line in log.splitlines() if line.strip()]
+    for record in records:
+        assert list(record)[:4] == ["time", "level", "logger", "msg"], record
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["time"])
+    assert any(r["logger"].startswith("kopf") for r in records)
+    assert any(r.get("object", {}).get("kind") == "EgressGateway" for r in records), log[-2000:]
