@@ -210,7 +210,10 @@ def request_target(head: RequestHead) -> tuple[str, int, str | None]:
     if head.method == "CONNECT":
         host, port = split_host_port(head.target)
         return host, port, None
-    url = urlsplit(head.target)
+    try:
+        url = urlsplit(head.target)
+    except ValueError as exc:  # e.g. unbalanced or non-address brackets: "http://[a.b]/"
+        raise HeadError(f"malformed request URI: {exc}") from None
     if url.scheme.lower() != "http" or not url.netloc:
         if url.scheme.lower() == "https":
             raise HeadError("use CONNECT for https:// destinations")

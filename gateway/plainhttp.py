@@ -77,16 +77,14 @@ def forwarded_head(head: RequestHead, *, path: str, host_header: str, framing: i
     nominated = {
         token.strip().lower() for value in head.get_all("connection") for token in value.split(",")
     }
-    lines = [f"{head.method} {path} HTTP/1.1"]
-    has_host = False
+    # RFC 9112 3.2.2: a proxy generates Host from the target URI, never forwards the
+    # client's (which only had to name the same host, in whatever spelling).
+    lines = [f"{head.method} {path} HTTP/1.1", f"Host: {host_header}"]
     for name, value in head.headers:
         lowered = name.lower()
-        if lowered in _HOP_BY_HOP or (lowered in nominated and lowered != "host"):
+        if lowered in _HOP_BY_HOP or lowered in nominated or lowered == "host":
             continue
-        has_host = has_host or lowered == "host"
         lines.append(f"{name}: {value}")
-    if not has_host:
-        lines.append(f"Host: {host_header}")
     if framing == CHUNKED:
         lines.append("Transfer-Encoding: chunked")
     elif framing > 0 or head.get("content-length") is not None:
