@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from .access import AccessRecord
 from .addresses import IPAddress
 from .auditrecord import AuditRecord as AuditRecord
+from .dial import hostport
 from .dns import ResolveError, Resolver
 from .engine import (
     REASON_BAD_REQUEST,
@@ -121,7 +122,7 @@ async def admit(
     for address in found:
         if own_socket is not None and own_socket(address, port):
             record.refused(REASON_OWN_ADDRESS)
-            message = f"{_hostport(address, port)} is the gateway itself"
+            message = f"{hostport(address, port)} is the gateway itself"
             return Refusal(403, REASON_OWN_ADDRESS, message)
         why = engine.destination_blocked(address, client)
         if why is None:
@@ -245,10 +246,6 @@ def _has_port(authority: str) -> bool:
     if authority.startswith("["):
         return "]:" in authority
     return ":" in authority
-
-
-def _hostport(address: IPAddress, port: int) -> str:
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
 def _host_header(host: str, port: int) -> str:

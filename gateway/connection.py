@@ -29,7 +29,6 @@ import asyncio
 import functools
 import ipaddress
 import logging
-import socket
 import time
 from typing import TYPE_CHECKING, cast
 
@@ -37,6 +36,7 @@ from . import access
 from .access import AccessRecord
 from .addresses import IPAddress
 from .admission import Refusal, Tunnel, admit
+from .dial import DialFailure, dial, hostport
 from .engine import REASON_BAD_REQUEST
 from .flow import ReadPool, Side
 from .hosts import HostError, normalize_host
@@ -494,43 +494,26 @@ class ClientConnection(Side):
         self._start_tunnel()
 
     async def _dial(self, tunnel: Tunnel) -> bool:
-        loop = asyncio.get_running_loop()
-        limits = self.server.limits
-        port = tunnel.port
-        # The answer reflects the last failure: 504 for a timeout, 502 for a refusal.
-        failure = (502, "upstream_unreachable", "no address")
-        budget_end = time.monotonic() + 2 * limits.connect_timeout
-        for address in tunnel.addresses:
-            remaining = min(limits.connect_timeout, budget_end - time.monotonic())
-            if remaining <= 0:
-                failure = (504, "upstream_timeout", "connect budget used up: " + failure[2])
-                break
-            started = time.monotonic()
-            family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-            try:
-                async with asyncio.timeout(remaining):  # no extra task, unlike wait_for
-                    _, upstream = await loop.create_connection(
-                        lambda: UpstreamConnection(self), str(address), port, family=family
-                    )
-            except TimeoutError:
-                message = f"connect to {_hostport(address, port)} timed out"
-                failure = (504, "upstream_timeout", message)
-                continue
-            except OSError as exc:
-                message = f"connect to {_hostport(address, port)}: {exc.strerror or exc}"
-                failure = (502, "upstream_unreachable", message)
-                continue
-            self.server.metrics.upstream_connect.observe(time.monotonic() - started)
-            if self.phase != WORKING:  # the client left (or the deadline passed) meanwhile
-                if upstream.transport is not None:
-                    upstream.transport.close()
-                return False
-            self.upstream = upstream
-            self.server.metrics.tunnels_active.inc()
-            self.record.upstream = _hostport(address, port)
-            return True
-        self.respond(*failure)
-        return False
+        server = self.server
+        result = await dial(
+            tunnel.addresses,
+            tunnel.port,
+            factory=lambda: UpstreamConnection(self),
+            limits=server.limits,
+            metrics=server.metrics,
+        )
+        if isinstance(result, DialFailure):
+            self.respond(result.status, result.reason, result.message)
+            return False
+        upstream, address = result
+        if self.phase != WORKING:  # the client left (or the deadline passed) meanwhile
+            if upstream.transport is not None:
+                upstream.transport.close()
+            return False
+        self.upstream = upstream
+        server.metrics.tunnels_active.inc()
+        self.record.upstream = hostport(address, tunnel.port)
+        return True
 
     def _start_tunnel(self) -> None:
         self.phase = TUNNEL
@@ -673,10 +656,6 @@ class ClientConnection(Side):
 @functools.lru_cache(maxsize=4096)  # clients are few, connections many
 def _client_address(text: str) -> IPAddress:
     return ipaddress.ip_address(text)
-
-
-def _hostport(address: IPAddress, port: int) -> str:
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
 def _status_of(data: bytes) -> int | None:
