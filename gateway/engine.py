@@ -26,7 +26,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
-from .addresses import CidrIndex, IPAddress, classify
+from .addresses import CidrIndex, IPAddress, classify, embedded_ipv4
 from .hosts import Host
 from .model import Gateway, Policy, Rule
 
@@ -103,7 +103,14 @@ class Engine:
     def _host_matches(self, host: Host) -> list[_RuleRef]:
         if host.kind == "ip":
             assert host.ip is not None
-            return self._cidr.lookup(host.ip) if self._cidr else []
+            if not self._cidr:
+                return []
+            found = self._cidr.lookup(host.ip)
+            ip = host.ip
+            inner = embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else None
+            if inner is not None:  # [::ffff:a.b.c.d], NAT64, 6to4: a deny of a.b.c.d holds
+                found += [ref for ref in self._cidr.lookup(inner) if ref.rule.kind == "deny"]
+            return found
         name = host.name
         found = list(self._exact.get(name, ()))
         if self._suffix:

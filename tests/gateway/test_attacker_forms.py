@@ -8,7 +8,7 @@ it with a clear 4xx - never an internal error - and must forward only what it ju
 from __future__ import annotations
 
 import pytest
-from fixtures_net import GatewayProcess, Net, recv_until_eof, send_raw
+from fixtures_net import GatewayFactory, GatewayProcess, Net, policy_doc, recv_until_eof, send_raw
 
 #: Absolute-form targets that urllib refuses with ValueError (brackets that are not an
 #: IP literal, unbalanced brackets): a malformed request, 400, not a 502 internal error.
@@ -52,3 +52,22 @@ def test_forwarded_host_is_the_one_the_gateway_judged(
     expected = "plain.test" if port == 80 else f"plain.test:{port}"
     hosts = [line for line in body.decode("latin-1").split("\r\n") if line[:5].lower() == "host:"]
     assert hosts == [f"Host: {expected}"], body
+
+
+def test_ipv6_forms_of_a_denied_address_are_denied(
+    gateway_factory: GatewayFactory, net: Net
+) -> None:
+    """``deny: cidr`` on an IPv4 address, defaultAction Allow: the IPv4-mapped and NAT64
+    spellings of that address reach the same host, so they meet the same deny (the SSRF
+    guard is opened for them here, so only the rule can stop them)."""
+    up, port = net.up, net.echo.port
+    forms = [up, f"[::ffff:{up}]", f"[64:ff9b::{up}]"]
+    gw = gateway_factory(
+        [policy_doc("p", deny=[{"cidr": f"{up}/32"}])],
+        defaultAction="Allow",
+        privateDestinationExceptions=[f"{up}/32", f"::ffff:{up}/128", f"64:ff9b::{up}/128"],
+    )
+    for form in forms:
+        reply = send_raw(gw, f"CONNECT {form}:{port} HTTP/1.1\r\n\r\n".encode())
+        reply.sock.close()
+        assert (reply.status, reply.reason) == (403, "deny_rule"), (form, reply)

@@ -301,3 +301,38 @@ def test_lookup_cost_does_not_grow_with_rules() -> None:
             engine.decide(c, h, 443)
     per_decision = (time.perf_counter() - started) / (n * len(probes))
     assert per_decision < 200e-6, f"{per_decision * 1e6:.1f} us per decision"
+
+
+DENY_V4_CIDR = """
+- metadata: {name: p, namespace: t}
+  spec:
+    allow:
+      - cidr: 198.51.100.0/24
+    deny:
+      - cidr: 203.0.113.7/32
+"""
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("203.0.113.7", "deny_rule"),
+        ("[::ffff:203.0.113.7]", "deny_rule"),  # IPv4-mapped
+        ("[64:ff9b::203.0.113.7]", "deny_rule"),  # NAT64
+        ("[2002:cb00:7107::1]", "deny_rule"),  # 6to4
+        ("203.0.113.8", "default_allow"),
+        ("[::ffff:203.0.113.8]", "default_allow"),
+    ],
+)
+def test_a_v4_cidr_deny_holds_for_ipv6_forms_embedding_it(host: str, reason: str) -> None:
+    """An IPv6 literal that reaches an IPv4 address must not step around its deny rule."""
+    engine = make_engine({"defaultAction": "Allow"}, DENY_V4_CIDR)
+    decision = engine.decide(ipaddress.ip_address("10.0.0.1"), normalize_host(host), 443)
+    assert decision.reason == reason
+
+
+@pytest.mark.parametrize("host", ["[::ffff:198.51.100.1]", "[64:ff9b::198.51.100.1]"])
+def test_a_v4_cidr_allow_does_not_extend_to_ipv6_forms(host: str) -> None:
+    """Allow rules stay exact: a NAT64 or mapped literal is not the address the rule named."""
+    decision = ENGINE.decide(ipaddress.ip_address("10.0.0.1"), normalize_host(host), 443)
+    assert decision.reason == "no_rule_matched"
