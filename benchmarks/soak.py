@@ -6,9 +6,11 @@
 
 Everything is on loopback: a DNS server (the test suite's, dnslib) that goes silent for one
 name on every third query, and small upstreams - echo, a bulk source, a chatty one for
-slow readers, one that accepts and never answers, a closed port, a plain HTTP origin.
+slow readers, one that accepts and never answers, a closed port, a port whose listen queue is
+full (connects time out), a plain HTTP origin.
 Bounded workers loop over the mix: new tunnels, bulk downloads, slow readers, refused
-destinations (403), refused upstreams (502), silent upstreams, the flaky name, plain HTTP;
+destinations (403), refused upstreams (502), upstreams whose connect times out (504), silent
+upstreams, the flaky name, plain HTTP;
 the policy folder is rewritten every few seconds (live reloads).
 
 After a warm-up, and again after the traffic stops and the gateway has settled, it samples
@@ -48,7 +50,7 @@ from fixtures_net import DnsServer  # the test suite's DNS server, on loopback
 
 HOST = "127.0.0.1"
 TIDEGATE = str(Path(sys.executable).with_name("tidegate"))
-NAMES = ("echo", "bulk", "chatty", "silent", "web", "closed")
+NAMES = ("echo", "bulk", "chatty", "silent", "web", "closed", "stuck")
 BULK_BYTES = 2 * 1024 * 1024
 #: Growth allowed between the two samples (noise on a shared machine, not a leak).
 MAX_FD_GROWTH = 8
@@ -58,6 +60,7 @@ MAX_RSS_GROWTH_MIB = 24.0
 # scenario -> the 5xx (status, reason) it can legitimately get
 EXPLAINED_5XX: dict[str, set[tuple[int, str]]] = {
     "refused_upstream": {(502, "upstream_unreachable")},
+    "timed_out_upstream": {(504, "upstream_timeout")},
     "flaky_dns": {
         (504, "dns_timeout"),
         (504, "dns_error"),
@@ -123,6 +126,19 @@ class Upstreams:
         self._holder = socket.socket()
         self._holder.bind((HOST, 0))  # bound, never listening: a refused connect
         self.ports["closed"] = self._holder.getsockname()[1]
+        # Listening, never accepting, its queue filled: further SYNs are dropped, so a
+        # connect to it times out (a destination that does not answer).
+        self._stuck = socket.socket()
+        self._stuck.bind((HOST, 0))
+        self._stuck.listen(0)
+        self.ports["stuck"] = self._stuck.getsockname()[1]
+        self._fillers = []
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect((HOST, self.ports["stuck"]))
+            self._fillers.append(filler)
         ready = threading.Event()
         threading.Thread(target=self._run, args=(ready,), daemon=True).start()
         ready.wait(10)
@@ -147,7 +163,8 @@ class Upstreams:
 
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._holder.close()
+        for sock in (self._holder, self._stuck, *self._fillers):
+            sock.close()
 
 
 # --- the gateway ----------------------------------------------------------------------------
@@ -300,6 +317,8 @@ async def scenario(kind: str, gw: Gateway, ports: dict[str, int], tally: Tally) 
         head = _connect("denied", 443)
     elif kind == "refused_upstream":
         head = _connect("closed", ports["closed"])
+    elif kind == "timed_out_upstream":
+        head = _connect("stuck", ports["stuck"])
     elif kind == "flaky_dns":
         head = _connect("flaky", ports["echo"])
     else:
@@ -348,6 +367,7 @@ MIX = (
     + ["silent"]
     + ["denied"] * 2
     + ["refused_upstream"]
+    + ["timed_out_upstream"]
     + ["flaky_dns"]
     + ["plain_http"] * 2
 )
