@@ -6,7 +6,7 @@ only as good as the address the gateway sees. Two Services per gateway:
 - ``<name>-gateway``, usually a LoadBalancer (AWS Load Balancer Controller annotations), for
   peered VPCs and on-premises networks. Safe defaults: an ``internal`` scheme; with ``ip``
   targets the target-group attribute ``preserve_client_ip.enabled=true`` (an NLB hides the
-  client behind its own private address otherwise, which the default clientCIDRs admit);
+  client behind its own private address otherwise, which clientCIDRs naming the VPC admit);
   with ``instance`` targets ``externalTrafficPolicy: Local`` (kube-proxy would SNAT to a
   node address otherwise); with ``ip`` targets no NodePorts at all (a NodePort reached on any
   node arrives SNATed, i.e. unidentified);
