@@ -36,7 +36,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 from kubernetes_asyncio.client import Configuration
@@ -332,21 +331,11 @@ async def load_access(
     return access
 
 
-def describe(access: KubeAccess) -> dict[str, Any]:
-    """What a log line may say about the access (never a secret)."""
-    return {
-        "source": access.source.description,
-        "server": access.server,
-        "expires": access.expires.isoformat() if access.expires else None,
-    }
-
-
 __all__ = [
     "KubeAccess",
     "KubeConfigError",
     "Source",
     "choose_source",
-    "describe",
     "load_access",
     "remove_temp_files",
 ]

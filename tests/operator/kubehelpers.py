@@ -54,7 +54,15 @@ def install_crds(cp: ControlPlane) -> None:
     """Apply the CRDs exactly as committed in crds/ and wait until they are served."""
     cp.apply(sorted((REPO / "crds").glob("*.yaml")))
     for crd in ("egresspolicies.tidegate.io", "egressgateways.tidegate.io"):
-        cp.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+        # Polled, not `kubectl wait`: right after the apply a CRD may have no conditions
+        # yet, and kubectl wait then fails at once ("conditions accessor error").
+        wait_for(f"CRD {crd} Established", lambda crd=crd: _established(cp, crd), timeout=60)
+
+
+def _established(cp: ControlPlane, crd: str) -> bool:
+    obj = get(cp, "crd", crd) or {}
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
 
 
 class OperatorProcess:
