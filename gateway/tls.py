@@ -67,6 +67,8 @@ def parse_client_hello(data: bytes, *, limit: int = 16 * 1024 + 5) -> HelloResul
             return HelloResult(True, None)  # no extensions at all
         end = pos + 2 + int.from_bytes(hello[pos : pos + 2], "big")
         pos += 2
+        names: list[bytes] = []
+        seen_sni = False
         while pos + 4 <= end:
             ext_type = int.from_bytes(hello[pos : pos + 2], "big")
             ext_len = int.from_bytes(hello[pos + 2 : pos + 4], "big")
@@ -74,15 +76,22 @@ def parse_client_hello(data: bytes, *, limit: int = 16 * 1024 + 5) -> HelloResul
             pos += 4 + ext_len
             if ext_type != _EXT_SERVER_NAME:
                 continue
+            # Two server_name extensions, or two names in one, are forbidden (RFC 8446
+            # 4.2, RFC 6066 3) and ambiguous: a server that reads the last one would
+            # reach a name we never compared.
+            if seen_sni:
+                raise NotTLS("more than one server_name extension")
+            seen_sni = True
             # server_name_list: u16 length, then entries of (u8 type, u16 len, name)
             inner = 2
             while inner + 3 <= len(body):
-                name_type = body[inner]
                 name_len = int.from_bytes(body[inner + 1 : inner + 3], "big")
-                name = body[inner + 3 : inner + 3 + name_len]
+                names.append(body[inner + 3 : inner + 3 + name_len] if body[inner] == 0 else b"")
                 inner += 3 + name_len
-                if name_type == 0:
-                    return HelloResult(True, name.decode("ascii", "replace").lower())
+        if len(names) > 1:
+            raise NotTLS("more than one name in the server_name extension")
+        if names and names[0]:
+            return HelloResult(True, names[0].decode("ascii", "replace").lower())
         return HelloResult(True, None)
     except IndexError:
         raise NotTLS("truncated ClientHello") from None

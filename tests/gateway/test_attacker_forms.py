@@ -7,8 +7,21 @@ it with a clear 4xx - never an internal error - and must forward only what it ju
 
 from __future__ import annotations
 
+import os
+import struct
+
 import pytest
-from fixtures_net import GatewayFactory, GatewayProcess, Net, policy_doc, recv_until_eof, send_raw
+from fixtures_net import (
+    GatewayFactory,
+    GatewayProcess,
+    Net,
+    connect,
+    policy_doc,
+    recv_until_eof,
+    send_raw,
+)
+
+from tidegate.gateway.tls import NotTLS, parse_client_hello
 
 #: Absolute-form targets that urllib refuses with ValueError (brackets that are not an
 #: IP literal, unbalanced brackets): a malformed request, 400, not a 502 internal error.
@@ -71,3 +84,76 @@ def test_ipv6_forms_of_a_denied_address_are_denied(
         reply = send_raw(gw, f"CONNECT {form}:{port} HTTP/1.1\r\n\r\n".encode())
         reply.sock.close()
         assert (reply.status, reply.reason) == (403, "deny_rule"), (form, reply)
+
+
+# --- ClientHellos with more than one server name ----------------------------------------------
+
+
+def _sni(*names: bytes, name_type: int = 0, first_type: int | None = None) -> bytes:
+    types = [name_type] * len(names)
+    if first_type is not None:
+        types[0] = first_type
+    entries = b"".join(
+        bytes([t]) + struct.pack(">H", len(n)) + n for t, n in zip(types, names, strict=True)
+    )
+    body = struct.pack(">H", len(entries)) + entries
+    return struct.pack(">HH", 0, len(body)) + body
+
+
+def _ext(kind: int, body: bytes) -> bytes:
+    return struct.pack(">HH", kind, len(body)) + body
+
+
+def _hello(*extensions: bytes) -> bytes:
+    """A TLS 1.3-style ClientHello record carrying exactly these extensions."""
+    block = b"".join(extensions)
+    body = (
+        b"\x03\x03" + os.urandom(32) + b"\x00"  # version, random, no session id
+        b"\x00\x02\x13\x01\x01\x00"  # one cipher suite, null compression
+         + struct.pack(">H", len(block)) + block
+    )
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + struct.pack(">H", len(handshake)) + handshake
+
+
+#: (hello, the name read, or None when the hello must be refused as ambiguous)
+HELLOS = [
+    (_hello(_sni(b"allowed.test")), "allowed.test"),
+    (_hello(_sni(b"ALLOWED.test")), "allowed.test"),
+    # an ECH-looking extension: the outer name is what can be checked (docs/gateway.md)
+    (_hello(_sni(b"allowed.test"), _ext(0xFE0D, os.urandom(40))), "allowed.test"),
+    (_hello(_sni(b"allowed.test"), _sni(b"evil.test")), None),  # two extensions
+    (_hello(_sni(b"allowed.test", b"evil.test")), None),  # two names in one
+    (_hello(_sni(b"evil.test", name_type=1), _sni(b"allowed.test")), None),
+    (_hello(_sni(b"evil.test", b"allowed.test", first_type=1)), None),
+]
+
+
+HELLO_IDS = ["one", "upper", "ech", "two-ext", "two-names", "other-type-ext", "other-type-first"]
+
+
+@pytest.mark.parametrize(("hello", "name"), HELLOS, ids=HELLO_IDS)
+def test_a_hello_naming_more_than_one_server_is_refused(hello: bytes, name: str | None) -> None:
+    """RFC 8446 4.2 and RFC 6066 3 forbid it; a server reading the last name would reach a
+    name the gateway never compared, so it is refused rather than read by first match."""
+    if name is None:
+        with pytest.raises(NotTLS):
+            parse_client_hello(hello)
+    else:
+        assert parse_client_hello(hello).server_name == name
+
+
+def test_a_second_server_name_never_reaches_the_destination(
+    shared_gateway: GatewayProcess, net: Net
+) -> None:
+    if net.tls_port != 443:
+        pytest.skip("cannot bind port 443 on a loopback address (needs root)")
+    reply = connect(shared_gateway, "allowed.test:443")
+    assert reply.status == 200
+    reply.sock.sendall(_hello(_sni(b"allowed.test"), _sni(b"evil.test")))
+    assert recv_until_eof(reply.sock) == b""  # cut by the gateway: no alert from upstream
+    reply.sock.close()
+    line = shared_gateway.wait_log(
+        lambda r: r.get("reason") == "sni_mismatch" and "server_name" in r.get("message", "")
+    )
+    assert line["decision"] == "deny"
