@@ -4,10 +4,7 @@ resolves what ``podman kube play`` cannot (API-backed volumes, env, the token) a
 from __future__ import annotations
 
 import copy
-import datetime
-import json
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -18,6 +15,7 @@ import requests
 import yaml
 from fixtures_kube import ControlPlane
 
+from .api import NodeApi
 from .pod import RunningPod
 from .podman import Podman
 from .spec import (
@@ -44,177 +42,21 @@ class PodRunner:
         self.cp = cp
         self.podman = podman
         self.workdir = workdir
-        self._local = threading.local()
+        self.api = NodeApi(cp)
         self.pods: list[RunningPod] = []
         workdir.mkdir(parents=True, exist_ok=True)
 
-    # ----- API
+    # ----- API (delegated to the node's client)
 
     @property
     def session(self) -> requests.Session:
-        """One admin session per thread (each pod's loop runs in its own thread)."""
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = self.cp.session()
-        return session
-
-    def _url(self, path: str) -> str:
-        return f"{self.cp.server}{path}"
+        return self.api.session
 
     def get(self, path: str) -> dict[str, Any] | None:
-        resp = self.session.get(self._url(path), timeout=10)
-        if resp.status_code == 404:
-            return None
-        resp.raise_for_status()
-        result: dict[str, Any] = resp.json()
-        return result
-
-    def _configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self.get(f"/api/v1/namespaces/{namespace}/configmaps/{name}")
-
-    def _secret(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
-
-    def _claim_pod(self, deployment: Mapping[str, Any], timeout: float) -> dict[str, Any] | None:
-        """A Pending Pod of the Deployment's newest ReplicaSet, bound to our node."""
-        if not self.cp.has_controller_manager:
-            return None
-        meta = deployment["metadata"]
-        ns = meta["namespace"]
-        labels = deployment["spec"]["selector"].get("matchLabels") or {}
-        selector = ",".join(f"{k}={v}" for k, v in labels.items())
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            current = self.get(f"/apis/apps/v1/namespaces/{ns}/deployments/{meta['name']}") or {}
-            revision = (
-                (current.get("metadata") or {})
-                .get("annotations", {})
-                .get("deployment.kubernetes.io/revision")
-            )
-            sets = (
-                self.session.get(
-                    self._url(f"/apis/apps/v1/namespaces/{ns}/replicasets"),
-                    params={"labelSelector": selector},
-                    timeout=10,
-                ).json()["items"]
-                or []
-            )
-            newest = {
-                rs["metadata"]["name"]
-                for rs in sets
-                if any(
-                    o.get("uid") == current.get("metadata", {}).get("uid")
-                    for o in rs["metadata"].get("ownerReferences") or []
-                )
-                and rs["metadata"].get("annotations", {}).get("deployment.kubernetes.io/revision")
-                == revision
-            }
-            pods = self.session.get(
-                self._url(f"/api/v1/namespaces/{ns}/pods"),
-                params={"labelSelector": selector},
-                timeout=10,
-            ).json()["items"]
-            for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
-                owners = {o["name"] for o in pod["metadata"].get("ownerReferences") or []}
-                if (
-                    owners & newest
-                    and not pod["spec"].get("nodeName")
-                    and not pod["metadata"].get("deletionTimestamp")
-                ):
-                    binding = {
-                        "apiVersion": "v1",
-                        "kind": "Binding",
-                        "metadata": {"name": pod["metadata"]["name"]},
-                        "target": {"apiVersion": "v1", "kind": "Node", "name": NODE_NAME},
-                    }
-                    resp = self.session.post(
-                        self._url(
-                            f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}/binding"
-                        ),
-                        json=binding,
-                        timeout=10,
-                    )
-                    if resp.status_code == 201:
-                        return self.get(f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}")
-            time.sleep(0.3)
-        raise PodStartError(f"no Pending pod of deployment {ns}/{meta['name']} in {timeout} s")
+        return self.api.get(path)
 
     def report_status(self, pod: RunningPod) -> None:
-        """Patch the Pod object's status like a kubelet (phase, IPs, conditions).
-
-        Serialized per pod and built from the state at the moment of sending, so a slow
-        earlier report can never land after, and undo, a newer one; the pod's loop also
-        re-reports periodically, as the kubelet's status manager does."""
-        if not pod.pod_object:
-            return
-        with pod.status_lock:
-            now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            ready = "True" if pod.ready else "False"
-            status = {
-                "phase": "Running",
-                "hostIP": POD_IP,
-                "podIP": POD_IP,
-                "podIPs": [{"ip": POD_IP}],
-                "conditions": [
-                    {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
-                    {"type": "Initialized", "status": "True", "lastTransitionTime": now},
-                    {"type": "ContainersReady", "status": ready, "lastTransitionTime": now},
-                    {"type": "Ready", "status": ready, "lastTransitionTime": now},
-                ],
-                "containerStatuses": [
-                    {
-                        "name": pod.container,
-                        "image": pod.image,
-                        "imageID": "",
-                        "ready": pod.ready,
-                        "started": pod.started,
-                        "restartCount": pod.restarts,
-                        "state": {"running": {"startedAt": now}},
-                    }
-                ],
-            }
-            try:
-                resp = self.session.patch(
-                    self._url(f"/api/v1/namespaces/{pod.namespace}/pods/{pod.name}/status"),
-                    data=json.dumps({"status": status}),
-                    headers={"Content-Type": "application/merge-patch+json"},
-                    timeout=10,
-                )
-                if resp.status_code >= 300:
-                    pod.event(f"status report: HTTP {resp.status_code} {resp.text[:200]}")
-            except requests.RequestException as exc:
-                pod.event(f"status report failed: {exc}")
-
-    def _token(
-        self,
-        namespace: str,
-        sa: str,
-        pod: Mapping[str, Any],
-        *,
-        bound: bool,
-        seconds: int,
-        audience: str | None,
-    ) -> bytes:
-        spec: dict[str, Any] = {"expirationSeconds": seconds}
-        if audience:
-            spec["audiences"] = [audience]
-        if bound:
-            spec["boundObjectRef"] = {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "name": pod["metadata"]["name"],
-                "uid": pod["metadata"]["uid"],
-            }
-        resp = self.session.post(
-            self._url(f"/api/v1/namespaces/{namespace}/serviceaccounts/{sa}/token"),
-            json={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec},
-            timeout=10,
-        )
-        if resp.status_code != 201:
-            raise PodStartError(
-                f"TokenRequest for {namespace}/{sa}: {resp.status_code} {resp.text}"
-            )
-        return str(resp.json()["status"]["token"]).encode()
+        self.api.report_status(pod)
 
     def _projected(
         self, running: RunningPod, projected: Mapping[str, Any], run_as: int | None
@@ -235,7 +77,7 @@ class PodRunner:
                     now = time.monotonic()
                     issued, token = running.tokens.get(key, (0.0, b""))
                     if not token or now - issued > 0.8 * seconds:
-                        token = self._token(
+                        token = self.api.token(
                             namespace,
                             sa,
                             pod,
@@ -250,7 +92,9 @@ class PodRunner:
                     secret = "secret" in src
                     ref = src["secret" if secret else "configMap"]
                     what = f"{'secret' if secret else 'configmap'} {namespace}/{ref['name']}"
-                    obj = (self._secret if secret else self._configmap)(namespace, ref["name"])
+                    obj = (self.api.secret if secret else self.api.configmap)(
+                        namespace, ref["name"]
+                    )
                     source = {"defaultMode": mode, **ref}
                     out.update(project_keys(obj, source, secret=secret, what=what))
                 elif "downwardAPI" in src:
@@ -297,7 +141,7 @@ class PodRunner:
             prefix = source.get("prefix", "")
             ref = source.get("configMapRef") or source.get("secretRef") or {}
             secret = "secretRef" in source
-            obj = (self._secret if secret else self._configmap)(ns, ref["name"])
+            obj = (self.api.secret if secret else self.api.configmap)(ns, ref["name"])
             if obj is None:
                 if ref.get("optional"):
                     continue
@@ -315,7 +159,7 @@ class PodRunner:
             elif "configMapKeyRef" in value_from or "secretKeyRef" in value_from:
                 secret = "secretKeyRef" in value_from
                 ref = value_from["secretKeyRef" if secret else "configMapKeyRef"]
-                obj = (self._secret if secret else self._configmap)(ns, ref["name"])
+                obj = (self.api.secret if secret else self.api.configmap)(ns, ref["name"])
                 data = decoded(obj, secret=secret) if obj else {}
                 if ref["key"] in data:
                     env[name] = data[ref["key"]].decode()
@@ -345,7 +189,7 @@ class PodRunner:
         if deployment is None:
             raise PodStartError(f"deployment {namespace}/{name} not found")
         template = copy.deepcopy(deployment["spec"]["template"])
-        claimed = self._claim_pod(deployment, claim_timeout)
+        claimed = self.api.claim_pod(deployment, claim_timeout)
         if claimed is not None:
             pod: dict[str, Any] = claimed
             pod_name = pod["metadata"]["name"]
@@ -417,7 +261,7 @@ class PodRunner:
                     secret: bool = secret,
                     what: str = what,
                 ) -> dict[str, tuple[bytes, int]]:
-                    obj = (self._secret if secret else self._configmap)(namespace, ref)
+                    obj = (self.api.secret if secret else self.api.configmap)(namespace, ref)
                     return project_keys(obj, source, secret=secret, what=what)
 
                 atomic = AtomicDir(host, gid=fs_group)
