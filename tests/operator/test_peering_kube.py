@@ -36,6 +36,8 @@ from kubehelpers import (
     wait_for,
 )
 
+from tidegate.gateway.logshape import MESSAGE
+
 pytestmark = [pytest.mark.timeout(300)]
 
 NS = "tidegate-peering"
@@ -93,7 +95,7 @@ class PeeredOperator(OperatorProcess):
 
     def messages(self, pattern: str) -> list[str]:
         rx = re.compile(pattern)
-        return [m for r in self.lines() if rx.search(m := str(r.get("message", "")))]
+        return [m for r in self.lines() if rx.search(m := str(r.get(MESSAGE, "")))]
 
     def published(self) -> list[int]:
         """Bundle generations of our gateway this replica wrote (its own log lines)."""
