@@ -124,7 +124,7 @@ async def admit(
             record.refused(REASON_OWN_ADDRESS)
             message = f"{hostport(address, port)} is the gateway itself"
             return Refusal(403, REASON_OWN_ADDRESS, message)
-        why = engine.destination_blocked(address, client)
+        why = engine.destination_blocked(address, client, port=port)
         if why is None:
             addresses.append(address)
         else:

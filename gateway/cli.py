@@ -178,7 +178,7 @@ def run_check_command(args: argparse.Namespace) -> int:
         if decision.policy:
             print(f"  policy: {decision.policy}  rule: {decision.rule}")
         if host.kind == "ip" and host.ip is not None:
-            blocked = engine.destination_blocked(host.ip, client)
+            blocked = engine.destination_blocked(host.ip, client, port=port)
             if blocked:
                 print(f"  note: the address is {blocked}; the SSRF guard refuses it")
     return 0 if decision.allowed else 1

@@ -214,11 +214,14 @@ class Engine:
 
     # --- SSRF guard -------------------------------------------------------------------------
 
-    def destination_blocked(self, address: IPAddress, client: IPAddress) -> str | None:
-        """Why dialling ``address`` is refused (e.g. "loopback"), or None when it is fine.
+    def destination_blocked(
+        self, address: IPAddress, client: IPAddress, *, port: int
+    ) -> str | None:
+        """Why dialling ``address`` on ``port`` is refused (e.g. "loopback"), or None.
 
         Exempt: ``privateDestinationExceptions``, and an explicit ``cidr`` allow rule of a
-        policy that governs this client.
+        policy that governs this client, for the ports that rule allows (a rule opening a
+        database port never opens the same address's other ports to a name resolving there).
         """
         if not self.gateway.block_private_destinations:
             return None
@@ -230,7 +233,13 @@ class Engine:
         client = _unmap(client)
         governing: dict[int, bool] = {}
         for ref in self._cidr.lookup(address):
-            if ref.rule.kind == "allow" and self._governs(ref.policy, client, governing):
+            rule = ref.rule
+            ports = rule.ports if rule.ports is not None else self._default_ports
+            if (
+                rule.kind == "allow"
+                and port in ports
+                and self._governs(ref.policy, client, governing)
+            ):
                 return None
         return category
 

@@ -157,3 +157,26 @@ def test_a_second_server_name_never_reaches_the_destination(
         lambda r: r.get("reason") == "sni_mismatch" and "server_name" in r.get("message", "")
     )
     assert line["decision"] == "deny"
+
+
+def test_a_cidr_allow_for_one_port_opens_no_other_port(
+    gateway_factory: GatewayFactory, net: Net
+) -> None:
+    """``allow: cidr blocked/32 ports [5432]`` and an allowed name resolving to that address:
+    the name on port 80 meets the SSRF guard (the cidr rule says nothing about port 80)."""
+    before = net.blocked_accepts()
+    gw = gateway_factory(
+        [
+            policy_doc(
+                "p",
+                allow=[
+                    {"cidr": f"{net.blocked}/32", "ports": [5432]},
+                    {"host": "ssrf.test", "ports": [80, 443]},
+                ],
+            )
+        ]
+    )
+    reply = send_raw(gw, b"GET http://ssrf.test/ HTTP/1.1\r\n\r\n")
+    reply.sock.close()
+    assert (reply.status, reply.reason) == (403, "private_address"), reply
+    assert net.blocked_accepts() == before

@@ -255,14 +255,16 @@ def test_destination_blocked(address: str, client: str, blocked: str | None) -> 
     allow: [{cidr: 172.20.0.0/16}]
 """,
     )
-    got = engine.destination_blocked(ipaddress.ip_address(address), ipaddress.ip_address(client))
+    got = engine.destination_blocked(
+        ipaddress.ip_address(address), ipaddress.ip_address(client), port=443
+    )
     assert got == blocked
 
 
 def test_ssrf_guard_can_be_switched_off() -> None:
     engine = make_engine({"blockPrivateDestinations": False})
     c = ipaddress.ip_address("10.1.1.1")
-    assert engine.destination_blocked(ipaddress.ip_address("127.0.0.1"), c) is None
+    assert engine.destination_blocked(ipaddress.ip_address("127.0.0.1"), c, port=443) is None
 
 
 def test_lookup_cost_does_not_grow_with_rules() -> None:
@@ -336,3 +338,29 @@ def test_a_v4_cidr_allow_does_not_extend_to_ipv6_forms(host: str) -> None:
     """Allow rules stay exact: a NAT64 or mapped literal is not the address the rule named."""
     decision = ENGINE.decide(ipaddress.ip_address("10.0.0.1"), normalize_host(host), 443)
     assert decision.reason == "no_rule_matched"
+
+
+@pytest.mark.parametrize(
+    ("address", "port", "blocked"),
+    [
+        ("10.30.0.5", 5432, None),  # the port the cidr rule allows
+        ("10.30.0.5", 443, "private"),  # another port of the same address
+        ("10.30.0.5", 22, "private"),
+        ("172.20.0.1", 443, None),  # a cidr rule without ports: the default ports
+        ("172.20.0.1", 8080, "private"),
+    ],
+)
+def test_a_cidr_allow_exempts_only_its_own_ports(
+    address: str, port: int, blocked: str | None
+) -> None:
+    """The SSRF-guard exemption a cidr allow gives is no wider than the rule: a name that
+    resolves into a range opened for a database port does not reach the range's web port."""
+    engine = make_engine(
+        policies="""
+- metadata: {name: internal, namespace: data}
+  spec:
+    allow: [{cidr: 10.30.0.0/16, ports: [5432]}, {cidr: 172.20.0.0/16}]
+"""
+    )
+    client = ipaddress.ip_address("10.1.1.1")
+    assert engine.destination_blocked(ipaddress.ip_address(address), client, port=port) == blocked
