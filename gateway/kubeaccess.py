@@ -33,7 +33,7 @@ import shutil
 import ssl
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +105,7 @@ def choose_source(
     kubeconfig: str | os.PathLike[str] | None = None,
     *,
     context: str | None = None,
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
     sa_dir: Path = SA_DIR,
 ) -> Source:
     """``--kubeconfig``, else ``$KUBECONFIG``, else in-cluster, else ``~/.kube/config``.
@@ -162,13 +162,14 @@ async def _load_kubeconfig(source: Source) -> Loaded:
     return Loaded(configuration, expires, str(namespace) if namespace else None)
 
 
-def _load_in_cluster(sa_dir: Path) -> Loaded:
+def _load_in_cluster(sa_dir: Path, environ: Mapping[str, str] | None) -> Loaded:
     configuration = Configuration()
     try:
         InClusterConfigLoader(
             token_filename=str(sa_dir / "token"),
             cert_filename=str(sa_dir / "ca.crt"),
             try_refresh_token=True,  # re-reads the projected token file every minute
+            environ=dict(os.environ if environ is None else environ),
         ).load_and_set(configuration)
     except (ConfigException, OSError) as exc:
         raise KubeConfigError(f"{IN_CLUSTER}: {exc}") from None
@@ -196,10 +197,12 @@ class KubeAccess:
         loaded: Loaded,
         *,
         sa_dir: Path = SA_DIR,
+        environ: Mapping[str, str] | None = None,
         clock: Clock = time.time,
     ) -> None:
         self.source = source
         self._sa_dir = sa_dir
+        self._environ = environ
         self._clock = clock
         self._lock = asyncio.Lock()
         self.reloads = 0
@@ -267,7 +270,7 @@ class KubeAccess:
             return await self.configuration.get_api_key_with_prefix("BearerToken") != refused
 
     async def _reload(self, why: str) -> None:
-        self._set(await _load(self.source, self._sa_dir))
+        self._set(await _load(self.source, self._sa_dir, self._environ))
         self.reloads += 1
         log.info("kubernetes credentials from %s reloaded: %s", self.source.description, why)
 
@@ -311,9 +314,9 @@ class KubeAccess:
         return await handler(request)
 
 
-async def _load(source: Source, sa_dir: Path) -> Loaded:
+async def _load(source: Source, sa_dir: Path, environ: Mapping[str, str] | None) -> Loaded:
     if source.kubeconfig is None:
-        return _load_in_cluster(sa_dir)
+        return _load_in_cluster(sa_dir, environ)
     return await _load_kubeconfig(source)
 
 
@@ -321,12 +324,13 @@ async def load_access(
     kubeconfig: str | os.PathLike[str] | None = None,
     *,
     context: str | None = None,
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
     sa_dir: Path = SA_DIR,
 ) -> KubeAccess:
     """Choose the source (see :func:`choose_source`), load it, and return the access."""
     source = choose_source(kubeconfig, context=context, environ=environ, sa_dir=sa_dir)
-    access = KubeAccess(source, await _load(source, sa_dir), sa_dir=sa_dir)
+    loaded = await _load(source, sa_dir, environ)
+    access = KubeAccess(source, loaded, sa_dir=sa_dir, environ=environ)
     log.debug("kubernetes credentials from %s for %s", source.description, access.server)
     return access
 

@@ -99,6 +99,32 @@ def test_a_failing_exec_plugin_is_one_clear_error(
     assert "Traceback" not in proc.stderr
 
 
+def test_in_cluster_token_file_rotation(control_plane: ControlPlane, tmp_path: Path) -> None:
+    """In a pod: the ServiceAccount files and KUBERNETES_SERVICE_*; the kubelet rotates the
+    projected token file and the old token stops working: the new one is read."""
+    cp, ns = control_plane, "cred-incluster"
+    user = exec_user(cp, tmp_path, namespace=ns, serviceaccount="pod", count=2)
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    (sa / "token").write_text(user.tokens[0])
+    (sa / "ca.crt").write_bytes(cp.ca_path.read_bytes())
+    (sa / "namespace").write_text(ns)
+    port = cp.server.rsplit(":", 1)[1]
+    env = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": port}
+
+    async def scenario() -> None:
+        access = await load_access(environ=env, sa_dir=sa)
+        assert access.source.kubeconfig is None and access.default_namespace == ns
+        assert access.server == f"https://127.0.0.1:{port}"
+        assert await list_configmaps(access, ns) == 200
+        (sa / "token").write_text(user.tokens[1])  # the kubelet's rotation
+        user.revoke(0)
+        assert await list_configmaps(access, ns) == 200
+        assert access.reloads == 1  # a 401, then the file read again
+
+    asyncio.run(scenario())
+
+
 # --- kubeconfig shapes --------------------------------------------------------------------
 
 
