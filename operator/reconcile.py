@@ -535,7 +535,7 @@ class Reconciler:
         ``clusterIP`` stay); the apply after it then succeeds and owns the fields again.
         """
         try:
-            return await self.client.apply(obj)
+            applied = await self.client.apply(obj)
         except ApiError as exc:
             if exc.status != 422:
                 raise
@@ -551,6 +551,25 @@ class Reconciler:
             body = {k: v for k, v in obj.items() if k not in _NOT_PATCHED}
             await self.client.merge_patch(path_of(obj), body)
             return await self.client.apply(obj)
+        extra = hand_added_entries(obj, applied)
+        if extra is None:
+            return applied
+        # Server-side apply leaves list entries another manager added (a port opened by
+        # hand on the Service, a container added to the pod template): ours are exclusive.
+        path, rendered = extra
+        meta = obj["metadata"]
+        log.warning(
+            "%s %s/%s has hand-added %s entries; putting back the rendered list",
+            obj["kind"],
+            meta.get("namespace"),
+            meta["name"],
+            ".".join(path),
+        )
+        patch: dict[str, Any] = {path[-1]: rendered}
+        for key in reversed(path[:-1]):
+            patch = {key: patch}
+        await self.client.merge_patch(path_of(obj), patch)
+        return await self.client.apply(obj)
 
     # --- status -----------------------------------------------------------------------------
 
@@ -659,6 +678,42 @@ class Reconciler:
 
 def _transition(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> bool:
     return new is not None and (old or {}).get("status") != new.get("status")
+
+
+#: Lists whose entries only the operator may set, with the fields that identify an entry.
+EXCLUSIVE_LISTS: dict[str, tuple[tuple[str, ...], tuple[tuple[str, Any], ...]]] = {
+    "Service": (("spec", "ports"), (("port", None), ("protocol", "TCP"))),
+    "Deployment": (("spec", "template", "spec", "containers"), (("name", None),)),
+}
+
+
+def _dig(obj: Mapping[str, Any], path: tuple[str, ...]) -> list[Any]:
+    node: Any = obj
+    for key in path:
+        node = node.get(key) if isinstance(node, Mapping) else None
+    return list(node) if isinstance(node, list) else []
+
+
+def hand_added_entries(
+    rendered: Mapping[str, Any], live: Mapping[str, Any]
+) -> tuple[tuple[str, ...], list[Any]] | None:
+    """(path, rendered list) when ``live`` has entries of an exclusive list we did not render."""
+    spec = EXCLUSIVE_LISTS.get(str(rendered.get("kind")))
+    if spec is None:
+        return None
+    path, keys = spec
+
+    def ids(items: list[Any]) -> set[tuple[Any, ...]]:
+        return {
+            tuple(item.get(k, default) for k, default in keys)
+            for item in items
+            if isinstance(item, Mapping)
+        }
+
+    want = _dig(rendered, path)
+    if ids(_dig(live, path)) <= ids(want):
+        return None
+    return path, want
 
 
 def _keep_foreign_metadata(obj: dict[str, Any], live: Mapping[str, Any]) -> None:

@@ -576,6 +576,12 @@ def test_hand_edit_of_a_service_port_is_put_back_and_nothing_jams(
         return [(p.get("name", ""), p["port"]) for p in svc["spec"]["ports"]]
 
     wait_for("the Service port put back", lambda: ports() == [("proxy", 3128)], op=operator)
+    # A port added by hand (here: the admin port, out through the load balancer) goes too.
+    extra = [{"op": "add", "path": "/spec/ports/-", "value": {"name": "admin", "port": 9090}}]
+    cluster.kubectl(
+        "patch", "service", "default-gateway", "-n", NS, "--type=json", "-p", json.dumps(extra)
+    )
+    wait_for("the hand-added port removed", lambda: ports() == [("proxy", 3128)], op=operator)
     cluster.apply(
         [
             {

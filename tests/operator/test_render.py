@@ -407,3 +407,24 @@ def test_resync_daemon_puts_no_finalizer_on_gateways() -> None:
     ]
     assert len(daemons) == 1
     assert daemons[0].requires_finalizer is False
+
+
+def test_hand_added_entries_of_exclusive_lists() -> None:
+    from tidegate.operator.reconcile import hand_added_entries
+
+    rendered = {"kind": "Service", "spec": {"ports": [{"name": "proxy", "port": 3128}]}}
+    same = {"spec": {"ports": [{"name": "proxy", "port": 3128, "protocol": "TCP"}]}}
+    assert hand_added_entries(rendered, same) is None
+    fewer: dict[str, Any] = {"spec": {"ports": []}}
+    assert hand_added_entries(rendered, fewer) is None  # apply itself puts ours back
+    more = {"spec": {"ports": [*same["spec"]["ports"], {"name": "admin", "port": 9090}]}}
+    assert hand_added_entries(rendered, more) == (("spec", "ports"), rendered["spec"]["ports"])
+    udp = {"spec": {"ports": [{"port": 3128, "protocol": "UDP"}, {"port": 3128}]}}
+    assert hand_added_entries(rendered, udp) is not None
+    deployment = {
+        "kind": "Deployment",
+        "spec": {"template": {"spec": {"containers": [{"name": "gateway"}]}}},
+    }
+    sidecar = {"spec": {"template": {"spec": {"containers": [{"name": "gateway"}, {"name": "x"}]}}}}
+    assert hand_added_entries(deployment, sidecar) is not None
+    assert hand_added_entries({"kind": "ConfigMap"}, {}) is None
