@@ -144,16 +144,17 @@ def test_a_hello_naming_more_than_one_server_is_refused(hello: bytes, name: str 
 
 
 def test_a_second_server_name_never_reaches_the_destination(
-    shared_gateway: GatewayProcess, net: Net
+    gateway_factory: GatewayFactory, net: Net
 ) -> None:
     if net.tls_port != 443:
         pytest.skip("cannot bind port 443 on a loopback address (needs root)")
-    reply = connect(shared_gateway, "allowed.test:443")
+    gw = gateway_factory()  # its own log: the shared gateway's SNI tests read theirs
+    reply = connect(gw, "allowed.test:443")
     assert reply.status == 200
     reply.sock.sendall(_hello(_sni(b"allowed.test"), _sni(b"evil.test")))
     assert recv_until_eof(reply.sock) == b""  # cut by the gateway: no alert from upstream
     reply.sock.close()
-    line = shared_gateway.wait_log(
+    line = gw.wait_log(
         lambda r: r.get("reason") == "sni_mismatch" and "server_name" in r.get("message", "")
     )
     assert line["decision"] == "deny"

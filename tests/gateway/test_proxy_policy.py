@@ -311,10 +311,11 @@ def test_sni_must_match_the_connect_host(shared_gateway: GatewayProcess, net: Ne
     with pytest.raises((ssl.SSLError, OSError)):
         tls.do_handshake()
     tls.close()
-    line = shared_gateway.wait_log(lambda r: r.get("reason") == "sni_mismatch")
+    line = shared_gateway.wait_log(
+        lambda r: r.get("reason") == "sni_mismatch" and r.get("sni") == "other.test"
+    )
     assert line["decision"] == "deny"
     assert line["host"] == "allowed.test"
-    assert line["sni"] == "other.test"
     assert net.tls.seen[seen_before:] == []  # the ClientHello never reached the upstream
     # The matching name works on the same gateway.
     reply = connect(shared_gateway, "allowed.test:443")
