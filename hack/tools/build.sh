@@ -10,8 +10,12 @@
 #   ${TIDEGATE_TOOLS_CACHE:-$HOME/.cache/tidegate/tools}/<tool>-<version>/bin/<tool>
 #
 # A binary whose stamp (bin/.<tool>.stamp) matches is reused: a second run takes a second.
-# A cold build takes ~10 s (kubeconform) and ~8-18 min (promtool, 2 cores). Any failure
-# exits non-zero naming the step, with the tail of the build log.
+# promtool is the exception: Debian ships it (package `prometheus`), so it is taken from
+# there - downloaded, never installed (no service, no postinst), unpacked into
+#   $CACHE_ROOT/promtool-debian/bin/promtool
+# which takes seconds where building it from its module took 8-18 minutes on 2 cores.
+# A cold build takes ~10 s (kubeconform). Any failure exits non-zero naming the step, with
+# the tail of the build log.
 #
 # The Prometheus Operator's CRDs (for kubeconform on the chart's ServiceMonitor, PodMonitor
 # and PrometheusRule) are generated the way that project does it: controller-gen (built
@@ -53,7 +57,6 @@ GO_VERSION="$(go env GOVERSION)"
 spec_of() { # tool -> "module version package"
     case "$1" in
         kubeconform) echo "$KUBECONFORM_MODULE $KUBECONFORM_VERSION $KUBECONFORM_MODULE/cmd/kubeconform" ;;
-        promtool) echo "$PROMETHEUS_MODULE $PROMETHEUS_VERSION $PROMETHEUS_MODULE/cmd/promtool" ;;
         controller-gen) echo "$CONTROLLER_TOOLS_MODULE $CONTROLLER_TOOLS_VERSION $CONTROLLER_TOOLS_MODULE/cmd/controller-gen" ;;
         *) log "unknown tool: $1"; exit 2 ;;
     esac
@@ -94,6 +97,36 @@ build_tool() { # tool -> prints the binary's path
     echo "$bin"
 }
 
+debian_promtool() { # -> prints the binary's path
+    local root="$CACHE_ROOT/promtool-debian"
+    local bin="$root/bin/promtool" stamp="$root/bin/.promtool.stamp"
+    mkdir -p "$root/bin" "$root/logs"
+    STEP="promtool: which Debian prometheus package"
+    local version
+    version="$(apt-cache policy prometheus 2>/dev/null | awk '/Candidate:/ {print $2}')"
+    if [[ -z "$version" || "$version" == "(none)" ]]; then
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null 2>&1 || true
+        version="$(apt-cache policy prometheus 2>/dev/null | awk '/Candidate:/ {print $2}')"
+    fi
+    if [[ -x "$bin" && -f "$stamp" && ( -z "$version" || "$(cat "$stamp")" == "prometheus=$version" ) ]]; then
+        log "cached: $bin"
+        echo "$bin"
+        return 0
+    fi
+    [[ -n "$version" && "$version" != "(none)" ]] || { log "FAILED at step: $STEP (no candidate)"; exit 1; }
+    STEP="promtool: download and unpack Debian prometheus=$version"
+    CURRENT_LOG="$root/logs/download.log"
+    log "$STEP -> $bin"
+    rm -rf "$root/deb" && mkdir -p "$root/deb"
+    (cd "$root/deb" && apt-get download "prometheus=$version" && dpkg -x ./prometheus_*.deb x) >"$CURRENT_LOG" 2>&1
+    install -m 0755 "$root/deb/x/usr/bin/promtool" "$bin"
+    rm -rf "$root/deb"
+    "$bin" --version >>"$CURRENT_LOG" 2>&1
+    echo "prometheus=$version" >"$stamp"
+    CURRENT_LOG=""
+    echo "$bin"
+}
+
 monitoring_crds() { # -> prints the folder of the generated CRDs
     local controller_gen
     controller_gen="$(build_tool controller-gen)"
@@ -128,6 +161,8 @@ TOOLS=("$@")
 for t in "${TOOLS[@]}"; do
     if [[ "$t" == monitoring-crds ]]; then
         monitoring_crds
+    elif [[ "$t" == promtool ]]; then
+        debian_promtool
     else
         build_tool "$t"
     fi

@@ -40,8 +40,12 @@ def monitoring_crds() -> list[Path]:
 
 def tool(name: str) -> str:
     """Path of ``name`` (kubeconform or promtool); AssertionError when it is not built."""
-    version = pinned()["KUBECONFORM_VERSION" if name == "kubeconform" else "PROMETHEUS_VERSION"]
-    candidate = _cache() / f"{name}-{version}" / "bin" / name
+    if name == "promtool":  # unpacked from Debian's prometheus package by build.sh
+        version = "from Debian's prometheus package"
+        candidate = _cache() / "promtool-debian" / "bin" / name
+    else:
+        version = pinned()["KUBECONFORM_VERSION"]
+        candidate = _cache() / f"{name}-{version}" / "bin" / name
     if os.access(candidate, os.X_OK):
         return str(candidate)
     found = shutil.which(name)
