@@ -87,6 +87,10 @@ ANNOTATIONS: dict[str, dict[str, Any]] = {
     "metrics.serviceMonitor.scrapeTimeout": {"pattern": OPTIONAL_DURATION},
     "metrics.podMonitor.labels": STRING_MAP,
     "metrics.podMonitor.namespaces": {"items": {"type": "string", "minLength": 1}},
+    "gatewayNamespaces": {
+        "items": {"type": "string", "minLength": 1, "maxLength": 63},
+        "uniqueItems": True,
+    },
     "cluster.domain": {"minLength": 1, "maxLength": 253},
     "cluster.serviceCIDRs": {"items": {"type": "string", "minLength": 1}},
     "cluster.podCIDRs": {"items": {"type": "string", "minLength": 1}},

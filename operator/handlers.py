@@ -7,6 +7,7 @@ work out which gateway(s) the event concerns, and request a pass for them. The w
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import logging
@@ -21,11 +22,12 @@ import kopf
 from tidegate.gateway.kubeaccess import KubeAccess, KubeConfigError, load_access
 
 from .binding import DEFAULT_GATEWAY, gateway_key_of, make_entry
-from .defaultgw import LABEL_DEFAULT_GATEWAY, SpecError, gateway_from_configmap
-from .kubeapi import ApiError, KubeClient
+from .defaultgwwatch import follow_default_gateway
+from .kubeapi import KubeClient
 from .metrics import Metrics
+from .ownedwatch import watch_owned
 from .reconcile import Reconciler, Settings, Views
-from .render import LABEL_GATEWAY, LABEL_MANAGED_BY, MANAGER
+from .render import Names
 
 GROUP, VERSION = "tidegate.io", "v1alpha1"
 POLICIES, GATEWAYS = "egresspolicies", "egressgateways"
@@ -33,7 +35,6 @@ RESYNC_SECONDS = 60.0
 #: Delays between retries of a failed API call (kopf's watches and patches): about ten
 #: minutes of 2 s retries before kopf gives up on one call.
 API_RETRY_BACKOFFS = (0.5, 1.0, 1.0, *([2.0] * 300))
-OWNED = {LABEL_MANAGED_BY: MANAGER}
 
 log = logging.getLogger("tidegate.operator")
 
@@ -51,6 +52,7 @@ class Runtime:
     access: KubeAccess | None = None
     logins: int = 0
     reconciler: Reconciler | None = None
+    default_gateway_task: asyncio.Task[None] | None = None
 
     def attach(self, kwargs: Mapping[str, Any]) -> Reconciler:
         """Point the reconciler at kopf's live indexes."""
@@ -100,11 +102,24 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     access = await _access(runtime)
     client = KubeClient(access)
     runtime.reconciler = Reconciler(client, runtime.settings, runtime.metrics, _emit)
+    if runtime.default_gateway_spec:
+        runtime.default_gateway_task = asyncio.create_task(
+            follow_default_gateway(
+                client,
+                configmap=runtime.default_gateway_spec,
+                gateway=runtime.settings.default_gateway,
+                emit=_emit,
+            ),
+            name="follow the default gateway's ConfigMap",
+        )
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: Any, **_: Any) -> None:
     runtime = _runtime(memo)
+    if runtime.default_gateway_task is not None:
+        runtime.default_gateway_task.cancel()
+        await asyncio.gather(runtime.default_gateway_task, return_exceptions=True)
     if runtime.reconciler is not None:
         await runtime.reconciler.close()
         await runtime.reconciler.client.close()
@@ -223,16 +238,30 @@ async def gateway_resync(
 
     A kopf daemon rather than one loop of our own: kopf stops daemons while peering has
     paused this replica, so a standby (whose indexes no longer move) never publishes a stale
-    bundle over the active replica's. It carries no finalizer (see
-    :func:`without_finalizer`), so it ends by itself once the gateway leaves the index.
+    bundle over the active replica's. The same goes for the watches of the gateway's own
+    objects (:mod:`tidegate.operator.ownedwatch`), which run alongside. It carries no
+    finalizer (see :func:`without_finalizer`), so it ends by itself once the gateway leaves
+    the index.
     """
     runtime = _runtime(memo)
     key = f"{namespace or ''}/{name}"
-    while not stopped:
-        await stopped.wait(runtime.resync_seconds)
-        if stopped or key not in kwargs["gateway_index"]:
-            break  # stopped, or the gateway was deleted (no finalizer told kopf to stop us)
-        runtime.attach(kwargs).request(key)
+    reconciler = runtime.attach(kwargs)
+    watcher: asyncio.Task[None] | None = None
+    if namespace and runtime.settings.gateway_namespace_allowed(namespace):
+        watcher = asyncio.create_task(
+            watch_owned(reconciler.client, Names(name, namespace), lambda: reconciler.request(key)),
+            name=f"watch owned objects of {key}",
+        )
+    try:
+        while not stopped:
+            await stopped.wait(runtime.resync_seconds)
+            if stopped or key not in kwargs["gateway_index"]:
+                break  # stopped, or the gateway was deleted (no finalizer told kopf to stop us)
+            runtime.attach(kwargs).request(key)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
 
 
 def without_finalizer(fn: Any, registry: Any = None) -> int:
@@ -266,36 +295,6 @@ async def gateway_event(
         _runtime(memo).attach(kwargs).request(f"{namespace or ''}/{name}")
 
 
-# --- owned objects: put hand edits back, pick up readiness and load balancer addresses ---------
-
-
-def _owned_changed(labels: kopf.Labels, namespace: str | None, memo: Any, kwargs: Any) -> None:
-    gateway = labels.get(LABEL_GATEWAY)
-    if gateway:
-        _runtime(memo).attach(kwargs).request(f"{namespace or ''}/{gateway}")
-
-
-@kopf.on.event("apps", "v1", "deployments", labels=OWNED)
-async def deployment_event(
-    labels: kopf.Labels, namespace: str | None, memo: Any, **kwargs: Any
-) -> None:
-    _owned_changed(labels, namespace, memo, kwargs)
-
-
-@kopf.on.event("", "v1", "services", labels=OWNED)
-async def service_event(
-    labels: kopf.Labels, namespace: str | None, memo: Any, **kwargs: Any
-) -> None:
-    _owned_changed(labels, namespace, memo, kwargs)
-
-
-@kopf.on.event("", "v1", "configmaps", labels=OWNED)
-async def configmap_event(
-    labels: kopf.Labels, namespace: str | None, memo: Any, **kwargs: Any
-) -> None:
-    _owned_changed(labels, namespace, memo, kwargs)
-
-
 # --- namespaces: a label change can admit or refuse policies under a Selector ------------------
 
 
@@ -315,38 +314,3 @@ async def namespace_event(type: str | None, memo: Any, **kwargs: Any) -> None:
 
 
 __all__ = ["DEFAULT_GATEWAY", "Runtime"]
-
-
-# --- the chart's default gateway ---------------------------------------------------------------
-
-
-@kopf.on.resume("", "v1", "configmaps", labels={LABEL_DEFAULT_GATEWAY: kopf.PRESENT})
-@kopf.on.create("", "v1", "configmaps", labels={LABEL_DEFAULT_GATEWAY: kopf.PRESENT})
-@kopf.on.update("", "v1", "configmaps", labels={LABEL_DEFAULT_GATEWAY: kopf.PRESENT})
-async def default_gateway_spec(
-    body: kopf.Body, namespace: str | None, name: str, memo: Any, **_: Any
-) -> None:
-    """Apply the default EgressGateway from the chart's ConfigMap (see defaultgw.py)."""
-    runtime = _runtime(memo)
-    if runtime.default_gateway_spec != f"{namespace}/{name}":
-        return  # another release's, or no --default-gateway-spec: not ours
-    if runtime.reconciler is None:
-        raise kopf.TemporaryError("the operator is still starting", delay=1)
-    try:
-        gateway = gateway_from_configmap(body, gateway=runtime.settings.default_gateway)
-    except SpecError as exc:
-        raise kopf.PermanentError(str(exc)) from exc
-    try:
-        await runtime.reconciler.client.apply(gateway)
-    except ApiError as exc:
-        message = f"applying the default gateway from {namespace}/{name}: {exc}"
-        if exc.retryable or exc.status in (403, 404):  # RBAC or the CRD not served yet
-            raise kopf.TemporaryError(message, delay=5) from exc
-        _emit(body, type="Warning", reason="DefaultGatewayRejected", message=message)
-        raise kopf.PermanentError(message) from exc
-    log.info(
-        "applied the default gateway %s from %s/%s",
-        runtime.settings.default_gateway,
-        namespace,
-        name,
-    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -19,6 +19,8 @@ import aiohttp
 from tidegate.gateway.kubeaccess import KubeAccess, KubeConfigError
 
 FIELD_MANAGER = "tidegate-operator"
+#: A watch event is one JSON line; a bundle ConfigMap is at most ~1 MiB (etcd's limit).
+MAX_WATCH_EVENT_BYTES = 8 * 1024 * 1024
 
 
 class ApiError(Exception):
@@ -88,6 +90,7 @@ class KubeClient:
         self.access = access
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
+        self._watch_session: aiohttp.ClientSession | None = None
         self._lock = asyncio.Lock()
 
     async def _get_session(self) -> aiohttp.ClientSession:
@@ -96,10 +99,74 @@ class KubeClient:
                 self._session = self.access.session(timeout=self._timeout, limit=32)
             return self._session
 
+    async def _get_watch_session(self) -> aiohttp.ClientSession:
+        """Watches hold a connection each: their own pool, so they never starve requests."""
+        async with self._lock:
+            if self._watch_session is None or self._watch_session.closed:
+                self._watch_session = self.access.session(
+                    timeout=aiohttp.ClientTimeout(total=None), limit=0
+                )
+            return self._watch_session
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._watch_session is not None:
+            await self._watch_session.close()
+            self._watch_session = None
+
+    async def watch(
+        self,
+        path: str,
+        *,
+        label_selector: str = "",
+        field_selector: str = "",
+        resource_version: str,
+        timeout_seconds: int = 300,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Watch events (``{"type", "object"}``) of a collection, from ``resource_version``.
+
+        Ends when the server closes the watch (after ``timeout_seconds``); an ``ERROR``
+        event (e.g. 410 Gone: the version is too old) is yielded for the caller to re-list.
+        """
+        session = await self._get_watch_session()
+        params = {
+            "watch": "1",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(timeout_seconds),
+        }
+        if label_selector:
+            params["labelSelector"] = label_selector
+        if field_selector:
+            params["fieldSelector"] = field_selector
+        read_timeout = aiohttp.ClientTimeout(total=None, sock_read=timeout_seconds + 30)
+        try:
+            async with session.get(
+                self.access.server + path,
+                headers={"Accept": "application/json"},
+                params=params,
+                timeout=read_timeout,
+            ) as resp:
+                if resp.status >= 400:
+                    text = await resp.text()
+                    raise ApiError(resp.status, text[:500], resp.reason or "")
+                buffer = b""
+                async for chunk in resp.content.iter_any():
+                    buffer += chunk
+                    if len(buffer) > MAX_WATCH_EVENT_BYTES:
+                        raise ApiError(502, "watch event too large", "BadGateway")
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            event = json.loads(line)
+                            if isinstance(event, dict):
+                                yield event
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise ApiError(503, f"{type(exc).__name__}: {exc}", "Unavailable") from exc
+        except KubeConfigError as exc:
+            raise ApiError(401, str(exc), "Unauthorized") from exc
 
     async def request(
         self,

@@ -154,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="gateway of policies without gatewayRef (default: tidegate-system/default)",
     )
     parser.add_argument(
+        "--gateway-namespace",
+        action="append",
+        dest="gateway_namespaces",
+        metavar="NS",
+        help="a namespace where EgressGateways may live (repeatable; the operator's write "
+        "permissions end there); a gateway elsewhere is reported NotAllowed. "
+        "Default: any namespace",
+    )
+    parser.add_argument(
         "--cluster-domain",
         type=_domain,
         default="cluster.local",
@@ -254,6 +263,9 @@ def run(argv: Sequence[str]) -> int:
             default_gateway=args.default_gateway,
             audit_interval_seconds=float(args.audit_interval),
             ready_to_enforce_after_seconds=float(args.ready_to_enforce_after),
+            gateway_namespaces=(
+                frozenset(args.gateway_namespaces) if args.gateway_namespaces else None
+            ),
             network=ClusterNetwork.from_environment(
                 domain=args.cluster_domain,
                 service_cidrs=args.service_cidrs,

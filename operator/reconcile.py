@@ -96,6 +96,12 @@ class Settings:
     #: An Audit policy with no would-deny for this long gets ReadyToEnforce True.
     ready_to_enforce_after_seconds: float = 24 * 3600.0
     network: ClusterNetwork = field(default_factory=ClusterNetwork)
+    #: Where EgressGateways may live (the operator's write permissions end there); None:
+    #: anywhere. A gateway elsewhere is reported NotAllowed and nothing is rendered for it.
+    gateway_namespaces: frozenset[str] | None = None
+
+    def gateway_namespace_allowed(self, namespace: str) -> bool:
+        return self.gateway_namespaces is None or namespace in self.gateway_namespaces
 
 
 def _first(store: Iterable[Any] | None) -> Any:
@@ -250,6 +256,20 @@ class Reconciler:
         namespace, name = str(meta["namespace"]), str(meta["name"])
         generation = int(meta.get("generation") or 0)
         previous = body.get("status") or {}
+        if not self.settings.gateway_namespace_allowed(namespace):
+            allowed = ", ".join(sorted(self.settings.gateway_namespaces or ()))
+            message = (
+                f"EgressGateways may only live in {allowed} (the chart's gatewayNamespaces): "
+                f"nothing is rendered for {key}"
+            )
+            await self._gateway_invalid(body, message, generation, previous, reason="NotAllowed")
+            await self._write_policy_statuses(
+                [
+                    Verdict(e, "GatewayInvalid", f"EgressGateway {key}: {message}", None)
+                    for e in self.views.policies.get(key, ())
+                ]
+            )
+            return
         try:
             gateway = parse_gateway(body, default_namespace=namespace)
         except PolicyError as exc:
@@ -324,12 +344,18 @@ class Reconciler:
         await self._write_gateway_status(body, previous, status)
 
     async def _gateway_invalid(
-        self, body: Mapping[str, Any], message: str, generation: int, previous: Mapping[str, Any]
+        self,
+        body: Mapping[str, Any],
+        message: str,
+        generation: int,
+        previous: Mapping[str, Any],
+        *,
+        reason: str = "Invalid",
     ) -> None:
         status = gateway_status(
             generation=generation,
             previous=previous,
-            reason="Invalid",
+            reason=reason,
             message=message,
             ready=False,
         )

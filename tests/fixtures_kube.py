@@ -63,6 +63,22 @@ CONTROLLERS = (
 
 RBAC_KINDS = frozenset({"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"})
 
+#: What the API server's audit log records: every request made by a ServiceAccount, at
+#: Metadata level (who, verb, resource, namespace, name, response code; never bodies). The
+#: RBAC test reads it to compare what the operator used with what the chart grants.
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+        {"level": "None"},
+    ],
+}
+
+#: The audit log of every control plane started in this test session, in start order.
+AUDIT_LOGS: list[Path] = []
+
 
 # --------------------------------------------------------------------------- binaries
 
@@ -120,6 +136,8 @@ def _skip_reason() -> str | None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     reason = _skip_reason()
+    # Tests that read what the whole session did (the API audit log) run after all others.
+    items.sort(key=lambda item: item.get_closest_marker("after_kube") is not None)
     for item in items:
         if "control_plane" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.kube)
@@ -392,6 +410,7 @@ class ControlPlane:
     admin_key: Path
     admin_token: str
     has_controller_manager: bool
+    audit_log: Path | None = None
     _servers: list[_Server] = field(default_factory=list, repr=False)
 
     # ----- binaries
@@ -664,6 +683,9 @@ def start_control_plane(workdir: Path, bins: Path, *, timeout: float = 90) -> Co
         )
     )
     kubeconfig.chmod(0o600)
+    audit_policy = workdir / "audit-policy.yaml"
+    audit_policy.write_text(yaml.safe_dump(AUDIT_POLICY))
+    audit_log = logs / "audit.log"
 
     has_kcm = (bins / "kube-controller-manager").is_file()
     etcd_url = f"http://127.0.0.1:{etcd_port}"
@@ -703,6 +725,10 @@ def start_control_plane(workdir: Path, bins: Path, *, timeout: float = 90) -> Co
             f"--service-account-key-file={pki.sa_pub}",
             f"--service-account-signing-key-file={pki.sa_key}",
             "--allow-privileged=true",
+            f"--audit-policy-file={audit_policy}",
+            f"--audit-log-path={audit_log}",
+            "--audit-log-maxsize=2000",
+            "--audit-log-format=json",
             "--v=1",
             # Without the controller manager nobody creates the "default" ServiceAccount,
             # and its admission plugin would then reject every Pod.
@@ -721,8 +747,10 @@ def start_control_plane(workdir: Path, bins: Path, *, timeout: float = 90) -> Co
         admin_key=pki.admin_key,
         admin_token=admin_token,
         has_controller_manager=has_kcm,
+        audit_log=audit_log,
         _servers=[etcd, apiserver],
     )
+    AUDIT_LOGS.append(audit_log)
     atexit.register(cp.stop)  # in case the session dies before fixture teardown
     try:
         etcd.start()

@@ -28,26 +28,47 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def chart_cluster_role(cp: ControlPlane) -> list[dict[str, Any]]:
-    """The operator's ClusterRole exactly as the Helm chart renders it (bindings dropped)."""
+OPERATOR_NAMESPACE = "tidegate-system"
+OPERATOR_SA = "tidegate-operator-under-test"
+
+#: Namespaces where the operator under test was granted the chart's gateway Role, across
+#: the session: tests/kube/test_rbac_audit.py judges its namespaced requests by them.
+GRANTED_GATEWAY_NAMESPACES: set[str] = set()
+
+
+def chart_rbac(cp: ControlPlane, gateway_namespaces: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The operator's RBAC exactly as the Helm chart renders it, bound to OPERATOR_SA."""
+    values = [
+        "--set",
+        f"serviceAccount.name={OPERATOR_SA}",
+        "--set",
+        "gatewayNamespaces={" + ",".join(gateway_namespaces) + "}",
+    ]
     out = cp.helm(
-        "template", "tidegate", str(REPO / "charts" / "tidegate"), "-n", "tidegate-system"
+        "template", "tidegate", str(REPO / "charts" / "tidegate"), "-n", OPERATOR_NAMESPACE, *values
     ).stdout
-    roles = [
+    docs = [
         d
         for d in yaml.safe_load_all(out)
-        if d and d.get("kind") == "ClusterRole" and d["metadata"]["name"].endswith("-operator")
+        if d and d.get("kind") in ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
     ]
-    assert roles, "the chart renders no operator ClusterRole"
-    for role in roles:
-        role["metadata"]["name"] = "tidegate-operator-under-test"
-    return roles
+    assert any(d["kind"] == "ClusterRole" for d in docs), "the chart renders no ClusterRole"
+    return docs
 
 
-def operator_kubeconfig(cp: ControlPlane) -> Path:
-    return cp.serviceaccount_kubeconfig(
-        "tidegate-system", "tidegate-operator-under-test", chart_cluster_role(cp)
-    )
+def operator_kubeconfig(cp: ControlPlane, *gateway_namespaces: str) -> Path:
+    """A kubeconfig with exactly the chart's operator RBAC, for gateways in the given
+    namespaces (default: the release namespace, as the chart's default)."""
+    namespaces = gateway_namespaces or (OPERATOR_NAMESPACE,)
+    for ns in namespaces:
+        cp.ensure_namespace(ns)
+    GRANTED_GATEWAY_NAMESPACES.update(namespaces)
+    return cp.serviceaccount_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_SA, chart_rbac(cp, namespaces))
+
+
+def gateway_namespace_args(*namespaces: str) -> list[str]:
+    """The operator flags the chart passes for gatewayNamespaces."""
+    return [f"--gateway-namespace={ns}" for ns in namespaces or (OPERATOR_NAMESPACE,)]
 
 
 def install_crds(cp: ControlPlane) -> None:

@@ -26,6 +26,7 @@ from fixtures_net import Net, gateway_doc
 from kubehelpers import (
     OperatorProcess,
     free_port,
+    gateway_namespace_args,
     get,
     install_crds,
     operator_kubeconfig,
@@ -49,8 +50,9 @@ def operator(control_plane: ControlPlane, tmp_path: Path) -> Iterator[OperatorPr
     control_plane.ensure_namespace(NS)
     op = OperatorProcess(
         control_plane,
-        operator_kubeconfig(control_plane),
+        operator_kubeconfig(control_plane, NS),
         tmp_path / "op.log",
+        *gateway_namespace_args(NS),
         "--audit-interval",
         "1",
         "--ready-to-enforce-after",

@@ -28,6 +28,7 @@ from fixtures_net import Net, gateway_doc
 from kubehelpers import (
     OperatorProcess,
     free_port,
+    gateway_namespace_args,
     get,
     install_crds,
     operator_kubeconfig,
@@ -97,7 +98,12 @@ class Gateway:
 def operator(control_plane: ControlPlane, tmp_path: Path) -> Iterator[OperatorProcess]:
     install_crds(control_plane)
     control_plane.ensure_namespace(NS)
-    op = OperatorProcess(control_plane, operator_kubeconfig(control_plane), tmp_path / "op.log")
+    op = OperatorProcess(
+        control_plane,
+        operator_kubeconfig(control_plane, NS),
+        tmp_path / "op.log",
+        *gateway_namespace_args(NS),
+    )
     op.start()
     try:
         yield op

@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 from fixtures_kube import ControlPlane
-from kubehelpers import OperatorProcess, get, install_crds, operator_kubeconfig, wait_for
+from kubehelpers import (
+    OperatorProcess,
+    gateway_namespace_args,
+    get,
+    install_crds,
+    operator_kubeconfig,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(240)]
 
@@ -34,7 +41,10 @@ def operator(
     cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     op = OperatorProcess(
-        cluster, operator_kubeconfig(cluster), tmp_path_factory.mktemp("guard") / "op.log"
+        cluster,
+        operator_kubeconfig(cluster, NS),
+        tmp_path_factory.mktemp("guard") / "op.log",
+        *gateway_namespace_args(NS),
     )
     op.start()
     try:

@@ -20,6 +20,7 @@ from kubehelpers import (
     REPO,
     OperatorProcess,
     events_for,
+    gateway_namespace_args,
     get,
     install_crds,
     items,
@@ -54,7 +55,9 @@ def operator(
     cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    op = OperatorProcess(cluster, operator_kubeconfig(cluster), log)
+    op = OperatorProcess(
+        cluster, operator_kubeconfig(cluster, NS), log, *gateway_namespace_args(NS)
+    )
     op.start()
     try:
         yield op
@@ -418,6 +421,65 @@ def test_gateway_not_found_and_not_allowed(
         _ready_reason(cluster, "ci", "lost", "Accepted"),
         op=operator,
     )
+
+
+def test_gateway_outside_gateway_namespaces_is_not_allowed(
+    cluster: ControlPlane, operator: OperatorProcess
+) -> None:
+    """The operator holds write permissions only in gatewayNamespaces: a gateway elsewhere
+    gets NotAllowed and an Event, nothing is rendered, its policies say why."""
+    cluster.apply(
+        [
+            {
+                "apiVersion": "tidegate.io/v1alpha1",
+                "kind": "EgressGateway",
+                "metadata": {"name": "rogue", "namespace": "data"},
+                "spec": {"service": {"type": "ClusterIP"}},
+            },
+            {
+                "apiVersion": "tidegate.io/v1alpha1",
+                "kind": "EgressPolicy",
+                "metadata": {"name": "wants-rogue", "namespace": "data"},
+                "spec": {"gatewayRef": {"name": "rogue"}, "allow": [{"host": "example.com"}]},
+            },
+        ]
+    )
+    gw = wait_for(
+        "rogue NotAllowed",
+        lambda: (
+            g
+            if ready(g := get(cluster, "egw", "rogue", "data")).get("reason") == "NotAllowed"
+            else None
+        ),
+        op=operator,
+    )
+    cond = ready(gw)
+    assert cond["status"] == "False"
+    assert "may only live in tidegate-system" in cond["message"]
+    wait_for(
+        "NotAllowed Event on the gateway",
+        lambda: [
+            e
+            for e in events_for(cluster, "data", "rogue")
+            if e["reason"] == "NotAllowed" and e["type"] == "Warning"
+        ],
+        op=operator,
+    )
+    policy = wait_for(
+        "its policy says why",
+        _ready_reason(cluster, "data", "wants-rogue", "GatewayInvalid"),
+        op=operator,
+    )
+    assert "may only live in tidegate-system" in ready(policy)["message"]
+    for kind, name in (
+        ("deployment", "rogue-gateway"),
+        ("service", "rogue-proxy"),
+        ("configmap", "rogue-bundle"),
+        ("serviceaccount", "rogue-gateway"),
+    ):
+        assert get(cluster, kind, name, "data") is None, kind
+    cluster.kubectl("delete", "egw", "rogue", "-n", "data")
+    cluster.kubectl("delete", "egp", "wants-rogue", "-n", "data")
 
 
 def test_hand_edits_are_put_back(cluster: ControlPlane, operator: OperatorProcess) -> None:

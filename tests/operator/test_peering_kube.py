@@ -29,6 +29,7 @@ from kubehelpers import (
     TIDEGATE,
     OperatorProcess,
     events_for,
+    gateway_namespace_args,
     get,
     install_crds,
     operator_kubeconfig,
@@ -69,6 +70,7 @@ class PeeredOperator(OperatorProcess):
             f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz",
             f"--metrics-listen=127.0.0.1:{self.metrics_port}",
             "--resync-seconds=2",
+            *gateway_namespace_args(NS),
         ]
         env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
         env["POD_ID"] = self.identity  # kopf's peer identity; a pod name in a cluster
@@ -198,7 +200,7 @@ def replicas(
     cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[PeeredOperator, PeeredOperator]]:
     """(low, high): priority 0 and 100, both on the chart's ClusterKopfPeering."""
-    kubeconfig = operator_kubeconfig(cluster)
+    kubeconfig = operator_kubeconfig(cluster, NS)
     logs = tmp_path_factory.mktemp("peering")
     low = PeeredOperator(cluster, kubeconfig, logs / "low.log", LOW, 0)
     high = PeeredOperator(cluster, kubeconfig, logs / "high.log", HIGH, 100)

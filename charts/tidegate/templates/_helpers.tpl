@@ -79,3 +79,12 @@ severity: {{ .severity }}
 {{ toYaml . }}
 {{- end }}
 {{- end -}}
+
+{{/* Namespaces where EgressGateways may live (JSON array): gatewayNamespaces or the release's. */}}
+{{- define "tidegate.gatewayNamespaces" -}}
+{{- if .Values.gatewayNamespaces -}}
+{{- .Values.gatewayNamespaces | uniq | toJson -}}
+{{- else -}}
+{{- list .Release.Namespace | toJson -}}
+{{- end -}}
+{{- end -}}
