@@ -53,7 +53,22 @@ def chart_rbac(cp: ControlPlane, gateway_namespaces: tuple[str, ...]) -> list[di
         if d and d.get("kind") in ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
     ]
     assert any(d["kind"] == "ClusterRole" for d in docs), "the chart renders no ClusterRole"
+    # Names of their own: a test that helm-installs the chart into the same cluster (and
+    # uninstalls it) must not take these away from the operator under test.
+    for doc in docs:
+        doc["metadata"]["name"] += "-under-test"
+        if "roleRef" in doc:
+            doc["roleRef"]["name"] += "-under-test"
     return docs
+
+
+def chart_cluster_role(cp: ControlPlane, *gateway_namespaces: str) -> list[dict[str, Any]]:
+    """The chart's operator ClusterRole and gateway-namespace Roles, without bindings and
+    renamed, for binding to another identity (``serviceaccount_kubeconfig`` binds them)."""
+    namespaces = gateway_namespaces or (OPERATOR_NAMESPACE,)
+    for ns in namespaces:
+        cp.ensure_namespace(ns)
+    return [d for d in chart_rbac(cp, namespaces) if d["kind"] in ("ClusterRole", "Role")]
 
 
 def operator_kubeconfig(cp: ControlPlane, *gateway_namespaces: str) -> Path:

@@ -47,7 +47,12 @@ def test_operator_with_expiring_exec_tokens(control_plane: ControlPlane, tmp_pat
     install_crds(cp)
     cp.ensure_namespace(NS)
     user = exec_user(
-        cp, tmp_path, namespace=NS, serviceaccount="laptop", count=24, rbac=chart_cluster_role(cp)
+        cp,
+        tmp_path,
+        namespace=NS,
+        serviceaccount="laptop",
+        count=24,
+        rbac=chart_cluster_role(cp, NS),
     )
     kubeconfig = exec_kubeconfig(user, tmp_path / "exec.yaml", lifetime=LIFETIME)
     op = OperatorProcess(

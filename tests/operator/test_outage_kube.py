@@ -23,6 +23,7 @@ from fixtures_kube import ControlPlane, ensure_binaries, start_control_plane
 from kubehelpers import (
     OperatorProcess,
     free_port,
+    gateway_namespace_args,
     get,
     install_crds,
     operator_kubeconfig,
@@ -89,8 +90,9 @@ def test_policy_enforced_within_seconds_after_an_api_outage(
     )
     op = OperatorProcess(
         cp,
-        operator_kubeconfig(cp),
+        operator_kubeconfig(cp, NS),
         tmp_path / "operator.log",
+        *gateway_namespace_args(NS),
         "--namespace",
         NS,
         "--default-gateway",
