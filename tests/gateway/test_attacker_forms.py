@@ -44,6 +44,63 @@ def test_malformed_absolute_uri_is_a_bad_request(
     assert (reply.status, reply.reason) == (400, "bad_request"), reply
 
 
+#: (request head, status, reason): spellings that have fooled some proxy's parser, each
+#: answered before anything is dialled. "{hp}" is the upstream's plain-HTTP port.
+REFUSED = [
+    ("GET http://allowed.test@evil.test/ HTTP/1.1", 400, "bad_request"),  # userinfo
+    ("GET http://evil.test\\@allowed.test/ HTTP/1.1", 400, "bad_request"),
+    ("GET http://denied.test#@allowed.test/ HTTP/1.1", 403, "deny_rule"),  # judged as sent
+    ("GET http://denied.test?@allowed.test/ HTTP/1.1", 403, "deny_rule"),
+    ("GET http://plain.test:{hp}/ HTTP/1.1\r\nHost: denied.test", 400, "bad_request"),
+    ("GET http://plain.test:{hp}:{hp}/ HTTP/1.1", 400, "bad_request"),
+    ("GET http://plain.test:/ HTTP/1.1", 400, "bad_request"),
+    ("GET https://allowed.test/ HTTP/1.1", 400, "bad_request"),  # TLS goes by CONNECT
+    ("GET / HTTP/1.1\r\nHost: allowed.test", 400, "bad_request"),  # origin-form
+    ("GET allowed.test:443 HTTP/1.1", 400, "bad_request"),  # authority-form, not CONNECT
+    ("connect allowed.test:443 HTTP/1.1", 400, "bad_request"),  # methods are case-sensitive
+    ("CONNECT allowed.test:443@evil.test HTTP/1.1", 400, "bad_request"),
+    ("CONNECT http://allowed.test:443 HTTP/1.1", 400, "bad_request"),
+    ("CONNECT allowed.test HTTP/1.1", 400, "bad_request"),
+    ("CONNECT allowed.test:0 HTTP/1.1", 400, "bad_request"),
+    ("CONNECT allowed.test:65536 HTTP/1.1", 400, "bad_request"),
+    ("CONNECT allowed.test:+443 HTTP/1.1", 400, "bad_request"),
+    ("CONNECT allowed.test:-443 HTTP/1.1", 400, "bad_request"),
+    ("CONNECT allowed.test:0x1bb HTTP/1.1", 400, "bad_request"),
+    ("CONNECT [::1]:443 HTTP/1.1", 403, "no_rule_matched"),
+    ("CONNECT [::ffff:127.0.0.1]:443 HTTP/1.1", 403, "no_rule_matched"),
+    ("CONNECT [64:ff9b::7f00:1]:443 HTTP/1.1", 403, "no_rule_matched"),
+    ("CONNECT [fe80::1%25lo]:443 HTTP/1.1", 403, "no_rule_matched"),
+    ("CONNECT 0x7f.1:443 HTTP/1.1", 403, "no_rule_matched"),
+    ("CONNECT 08.0.0.1:443 HTTP/1.1", 400, "bad_request"),  # not octal, not a name
+    ("CONNECT denied.test.:443 HTTP/1.1", 403, "deny_rule"),  # trailing dot
+    ("CONNECT DENIED.TEST:443 HTTP/1.1", 403, "deny_rule"),
+    ("CONNECT denied..test:443 HTTP/1.1", 400, "bad_request"),
+    ("PRI * HTTP/2.0\r\n\r\nSM", 505, "bad_request"),  # HTTP/2 preface
+    ("GET\thttp://plain.test/ HTTP/1.1", 400, "bad_request"),
+    ("GET  http://plain.test/ HTTP/1.1", 400, "bad_request"),
+    ("GET http://plain.test/ HTTP/1.1\r\nHost: plain.test\r\nHost: plain.test", 400, "bad_request"),
+    ("GET http://plain.test/ HTTP/1.1\r\nTransfer-Encoding : chunked", 400, "bad_request"),
+    (
+        "GET http://plain.test/ HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked",
+        400,
+        "bad_request",
+    ),
+    ("GET http://plain.test/ HTTP/1.1\r\nTransfer-Encoding: chunked, chunked", 501, "bad_request"),
+    ("GET http://plain.test/ HTTP/1.1\r\nContent-Length: +1", 400, "bad_request"),
+    ("GET http://plain.test/ HTTP/1.1\r\nContent-Length: 1, 1", 400, "bad_request"),
+]
+
+
+@pytest.mark.parametrize(("head", "status", "reason"), REFUSED)
+def test_hostile_request_forms_are_refused(
+    shared_gateway: GatewayProcess, net: Net, head: str, status: int, reason: str
+) -> None:
+    text = head.replace("{hp}", str(net.http_port)) + "\r\n\r\n"
+    reply = send_raw(shared_gateway, text.encode("latin-1"))
+    reply.sock.close()
+    assert (reply.status, reply.reason) == (status, reason), reply
+
+
 @pytest.mark.parametrize(
     "host_header",
     ["PLAIN.TEST.:{port}", "plain.test.:{port}", "Plain.Test:0{port}", "plain.test:{port}"],
