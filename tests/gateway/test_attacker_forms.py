@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 
 import pytest
 from fixtures_net import (
@@ -17,6 +18,8 @@ from fixtures_net import (
     Net,
     connect,
     policy_doc,
+    proxy_socket,
+    read_reply,
     recv_until_eof,
     send_raw,
 )
@@ -238,3 +241,19 @@ def test_a_cidr_allow_for_one_port_opens_no_other_port(
     reply.sock.close()
     assert (reply.status, reply.reason) == (403, "private_address"), reply
     assert net.blocked_accepts() == before
+
+
+def test_a_client_trickling_after_a_refusal_is_cut(shared_gateway: GatewayProcess) -> None:
+    """Slowloris on the last phase: after an error answer the gateway reads and drops what
+    the client still sends for about a second (so the answer is not lost to a reset), and
+    no longer, however steadily the client keeps sending."""
+    sock = proxy_socket(shared_gateway)
+    sock.sendall(b"CONNECT denied.test:443 HTTP/1.1\r\n\r\n")
+    assert read_reply(sock).status == 403
+    started = time.monotonic()
+    with pytest.raises(OSError):
+        while time.monotonic() - started < 10:
+            sock.sendall(b"x" * 1024)
+            time.sleep(0.05)
+    sock.close()
+    assert time.monotonic() - started < 5  # LINGER_SECONDS (1 s) plus the sweep, loaded
