@@ -14,6 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 F_CLIENT = "client"
+F_IDENTITY = "identity"  # pod, host_network, cidr, unknown_client (engine.client_kind)
+F_CLIENT_NAMESPACE = "client_namespace"
+F_CLIENT_POD = "client_pod"
 F_METHOD = "method"
 F_HOST = "host"
 F_PORT = "port"
@@ -36,6 +39,9 @@ F_VIA = "via"  # the load balancer, when the client address came from a PROXY he
 FIELDS: tuple[str, ...] = (
     F_CLIENT,
     F_VIA,
+    F_IDENTITY,
+    F_CLIENT_NAMESPACE,
+    F_CLIENT_POD,
     F_METHOD,
     F_HOST,
     F_PORT,
@@ -65,6 +71,9 @@ class AccessRecord:
     def __init__(self) -> None:
         self.client: str | None = None
         self.via: str | None = None
+        self.identity: str | None = None
+        self.client_namespace: str | None = None
+        self.client_pod: str | None = None
         self.method: str | None = None
         self.host: str | None = None
         self.port: int | None = None

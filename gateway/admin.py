@@ -55,6 +55,8 @@ def make_admin_app(*, state: GatewayState, metrics: Metrics) -> web.Application:
             return "draining"
         if state.engine is None:
             return "no policy bundle loaded"
+        if not state.serving:
+            return "no client identities loaded"
         return None
 
     async def readyz(request: web.Request) -> web.Response:

@@ -36,6 +36,7 @@ from .engine import (
 )
 from .hosts import Host, HostError, normalize_host, split_host_port
 from .httphead import HeadError, RequestHead, parse_head
+from .identity import ClientIdentity
 from .observe import Metrics
 from .plainhttp import forwarded_head, request_framing
 from .settings import Limits
@@ -88,6 +89,7 @@ async def admit(
     metrics: Metrics,
     record: AccessRecord,
     own_socket: OwnSocketCheck | None = None,
+    identity: ClientIdentity | None = None,
 ) -> Tunnel | Refusal:
     try:
         head = parse_head(raw_head, max_headers=limits.max_headers)
@@ -106,11 +108,11 @@ async def admit(
     except HostError as exc:
         return _bad(record, 400, str(exc))
     record.host = host.name
-    decision = engine.decide(client, host, port)
+    decision = engine.decide(client, host, port, identity)
     record.decision, record.reason = decision.verdict, decision.reason
     record.policy, record.rule = decision.policy, decision.rule
     if decision.verdict != "allow" and decision.reason in RECORDED_REASONS:
-        record_denial(metrics.audit, engine, client, decision, host.name, port)
+        record_denial(metrics.audit, engine, client, decision, host.name, port, identity)
     if not decision.allowed:
         return Refusal(403, decision.reason, decision.message, decision)
     found = await resolve(host, resolver=resolver, limits=limits, metrics=metrics)
@@ -124,7 +126,7 @@ async def admit(
             record.refused(REASON_OWN_ADDRESS)
             message = f"{hostport(address, port)} is the gateway itself"
             return Refusal(403, REASON_OWN_ADDRESS, message)
-        why = engine.destination_blocked(address, client, port=port)
+        why = engine.destination_blocked(address, client, identity, port=port)
         if why is None:
             addresses.append(address)
         else:
@@ -150,6 +152,7 @@ def record_denial(
     decision: Decision,
     host: str,
     port: int,
+    identity: ClientIdentity | None = None,
 ) -> None:
     """Count a deny or would-deny against the policy it is about.
 
@@ -160,28 +163,33 @@ def record_denial(
     if decision.policy is not None:
         keys: tuple[str, ...] = (decision.policy,)
     else:
-        keys = _governing(engine, client)
+        keys = _governing(engine, client, identity)
     verdict: Literal["deny", "audit"] = "deny" if decision.verdict == "deny" else "audit"
     audit.record(keys, host, port, verdict=verdict, reason=decision.reason, now=time.time())
 
 
 #: engine -> client -> the policies a no-match decision for that client is about. Clients
 #: are few and a flood of refusals must not cost a walk over the policies per request.
-_GOVERNING: weakref.WeakKeyDictionary[Engine, dict[IPAddress, tuple[str, ...]]] = (
+_GOVERNING: weakref.WeakKeyDictionary[Engine, dict[object, tuple[str, ...]]] = (
     weakref.WeakKeyDictionary()
 )
 GOVERNING_CACHE_CLIENTS = 4096
 
 
-def _governing(engine: Engine, client: IPAddress) -> tuple[str, ...]:
+def _governing(
+    engine: Engine, client: IPAddress, identity: ClientIdentity | None
+) -> tuple[str, ...]:
     cache = _GOVERNING.get(engine)
     if cache is None:
         cache = _GOVERNING[engine] = {}
-    keys = cache.get(client)
+    # A pod's address may change hands: the key is the address and who is behind it.
+    key = (client, identity.selector_key if identity is not None else identity)
+    keys = cache.get(key)
     if keys is None:
         if len(cache) >= GOVERNING_CACHE_CLIENTS:
             cache.clear()
-        keys = cache[client] = tuple(engine.governing_keys(client)[:MAX_ATTRIBUTED_POLICIES])
+        governing = engine.governing_keys(client, identity)
+        keys = cache[key] = tuple(governing[:MAX_ATTRIBUTED_POLICIES])
     return keys
 
 

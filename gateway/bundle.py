@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .documents import API_VERSION, PolicyError, parse_gateway, parse_policy
-from .model import Gateway, Policy
+from .model import CLUSTER, Gateway, Policy
 
 BUNDLE_KIND = "PolicyBundle"
-BUNDLE_FORMAT = 1
+# 2: policies carry their kind (EgressPolicy / ClusterEgressPolicy) and selectors; an
+# EgressPolicy no longer has sources. A gateway refuses a format it does not know.
+BUNDLE_FORMAT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +36,16 @@ class Bundle:
 
 def policy_to_object(policy: Policy) -> dict[str, Any]:
     spec: dict[str, Any] = {"mode": policy.mode}
+    if policy.namespace_selector is not None:
+        spec["namespaceSelector"] = policy.namespace_selector.to_json()
+    if policy.pod_selector is not None:
+        spec["podSelector"] = policy.pod_selector.to_json()
     if policy.sources is not None:
         spec["sources"] = {"cidrs": [str(n) for n in policy.sources]}
     spec["allow"] = [r.to_json() for r in policy.allow]
     spec["deny"] = [r.to_json() for r in policy.deny]
+    if policy.kind == CLUSTER:
+        return {"kind": CLUSTER, "metadata": {"name": policy.name}, "spec": spec}
     return {"metadata": {"namespace": policy.namespace, "name": policy.name}, "spec": spec}
 
 

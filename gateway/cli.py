@@ -10,15 +10,17 @@ import json
 import sys
 from pathlib import Path
 
-from .addresses import IPNetwork, parse_network
+from .addresses import IPAddress, IPNetwork, parse_network
 from .bundle import Bundle, load_bundle
 from .documents import PolicyError
 from .engine import Engine
 from .hosts import HostError, normalize_host, split_host_port
+from .identity import ClientIdentity, IdentityTable, build_table, pod_identity
 from .logshape import configure_logging
-from .server import GatewayOptions, run_gateway
+from .selectors import SelectorError, parse_labels
+from .server import IDENTITIES_DIR, GatewayOptions, run_gateway
 from .settings import Limits
-from .sources import bundle_from_documents, read_policy_dir
+from .sources import bundle_from_documents, read_identity_files, read_policy_dir
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -53,7 +55,19 @@ def add_gateway_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "--configmap", type=_namespaced, help="NAMESPACE/NAME: watch the bundle via the API too"
     )
     p.add_argument(
-        "--kubeconfig", type=Path, help="with --configmap: API access (default: in-cluster)"
+        "--identities",
+        type=Path,
+        help="ClientIdentities file or folder (default with --policies: DIR/identities/)",
+    )
+    p.add_argument(
+        "--identities-configmap",
+        type=_namespaced,
+        help="NAMESPACE/NAME: watch the client identities index ConfigMap and its shards",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        type=Path,
+        help="with --configmap / --identities-configmap: API access (default: in-cluster)",
     )
     p.add_argument(
         "--listen",
@@ -125,6 +139,8 @@ def run_gateway_command(args: argparse.Namespace) -> int:
         policies=args.policies,
         bundle=args.bundle,
         configmap=args.configmap,
+        identities=args.identities,
+        identities_configmap=args.identities_configmap,
         kubeconfig=args.kubeconfig,
         reload_interval=args.reload_interval,
         limits=limits,
@@ -139,25 +155,90 @@ def run_gateway_command(args: argparse.Namespace) -> int:
 
 
 def add_check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("check", help="explain the decision for one request")
+    p = sub.add_parser(
+        "check",
+        help="explain the decision for one request",
+        description=(
+            "Who asks: --client IP (looked up in the identities, else judged by address "
+            "only), --pod NAMESPACE/NAME (a pod listed in the identities), or --namespace NS "
+            "[--labels k=v,...] (any pod of that namespace with those labels)."
+        ),
+    )
     p.add_argument("--policies", type=Path, required=True)
-    p.add_argument("--client", required=True, help="client IP address")
+    p.add_argument("--client", help="client IP address")
+    p.add_argument("--pod", type=_namespaced, help="NAMESPACE/NAME of a pod in the identities")
+    p.add_argument("--namespace", help="the client pod's namespace (with --labels)")
+    p.add_argument("--labels", default="", help="the client pod's labels: k=v,k2=v2")
+    p.add_argument(
+        "--identities",
+        type=Path,
+        help="ClientIdentities file or folder (default: POLICIES/identities/ if present)",
+    )
     p.add_argument("target", help="HOST:PORT")
     p.add_argument("--json", action="store_true", help="print the decision as JSON")
+
+
+def _check_identities(args: argparse.Namespace) -> IdentityTable:
+    path = args.identities
+    if path is None:
+        default = args.policies / IDENTITIES_DIR
+        path = default if default.is_dir() else None
+    return build_table(read_identity_files(path)) if path is not None else IdentityTable()
+
+
+def _check_client(
+    args: argparse.Namespace, table: IdentityTable
+) -> tuple[IPAddress | None, ClientIdentity | None]:
+    """The client address and identity ``tidegate check`` judges; ValueError if unusable."""
+    chosen = [f for f in ("client", "pod", "namespace") if getattr(args, f)]
+    if args.pod and args.namespace:
+        raise ValueError("give --pod or --namespace, not both")
+    if not chosen:
+        raise ValueError("give --client IP, --pod NAMESPACE/NAME or --namespace NS")
+    if args.labels and not args.namespace:
+        raise ValueError("--labels goes with --namespace")
+    client = ipaddress.ip_address(args.client) if args.client else None
+    if args.pod:
+        namespace, name = args.pod
+        found = table.find_pod(namespace, name)
+        if found is None:
+            raise ValueError(
+                f"pod {namespace}/{name} is not in the identities; "
+                "give --namespace NS --labels k=v instead"
+            )
+        return client or found[0], found[1]
+    if args.namespace:
+        labels = parse_labels(args.labels)
+        namespace_labels = table.namespaces.get(args.namespace, {})
+        return client, pod_identity(args.namespace, "", labels, namespace_labels)
+    assert client is not None
+    return client, table.lookup(client)
 
 
 def run_check_command(args: argparse.Namespace) -> int:
     try:
         docs = read_policy_dir(args.policies)
         bundle = bundle_from_documents(docs, generation=1)
-        client = ipaddress.ip_address(args.client)
+        table = _check_identities(args)
+        client, identity = _check_client(args, table)
         host_text, port = split_host_port(args.target)
         host = normalize_host(host_text)
-    except (PolicyError, HostError, ValueError, OSError) as exc:
+    except (PolicyError, HostError, SelectorError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     engine = Engine(bundle.gateway, bundle.policies)
-    decision = engine.decide(client, host, port)
+    decision = engine.decide(client, host, port, identity)
+    if identity is not None and identity.kind == "pod":
+        who = f"pod {identity.namespace}/{identity.name or '*'}"
+        if identity.labels:
+            who += " {" + ",".join(f"{k}={v}" for k, v in sorted(identity.labels.items())) + "}"
+        kind = "pod"
+    else:
+        kind = engine.client_kind(client, identity) if client is not None else "unknown_client"
+        who = str(client)
+    if client is not None and identity is not None and identity.kind == "pod":
+        who += f" at {client}"
+    governing = engine.governing_keys(client, identity)
     if args.json:
         print(
             json.dumps(
@@ -169,16 +250,22 @@ def run_check_command(args: argparse.Namespace) -> int:
                     "rule": decision.rule,
                     "host": host.name,
                     "port": port,
+                    "client": str(client) if client is not None else None,
+                    "identity": kind,
+                    "client_namespace": identity.namespace if identity else None,
+                    "client_pod": (identity.name or None) if identity else None,
+                    "governing_policies": governing,
                 }
             )
         )
     else:
-        print(f"{decision.verdict.upper()} {host.name}:{port} from {client}")
+        print(f"{decision.verdict.upper()} {host.name}:{port} from {who}")
         print(f"  reason: {decision.reason} - {decision.message}")
         if decision.policy:
             print(f"  policy: {decision.policy}  rule: {decision.rule}")
-        if host.kind == "ip" and host.ip is not None:
-            blocked = engine.destination_blocked(host.ip, client, port=port)
+        print(f"  client: {kind}; governed by: {', '.join(governing) or 'no policy'}")
+        if host.kind == "ip" and host.ip is not None and client is not None:
+            blocked = engine.destination_blocked(host.ip, client, identity, port=port)
             if blocked:
                 print(f"  note: the address is {blocked}; the SSRF guard refuses it")
     return 0 if decision.allowed else 1

@@ -41,6 +41,7 @@ from .engine import REASON_BAD_REQUEST
 from .flow import ReadPool, Side
 from .hosts import HostError, normalize_host
 from .httphead import HeadError, find_head_end
+from .identity import ClientIdentity
 from .plainhttp import CHUNKED, BodyError, ChunkedBody, LengthBody
 from .proxyproto import ProxyHeaderError, looks_like_proxy_header, parse_proxy_header
 from .tls import NotTLS, parse_client_hello
@@ -139,6 +140,7 @@ class ClientConnection(Side):
         "deadline",
         "eof",
         "held",
+        "identity",
         "last_active",
         "peer",
         "phase",
@@ -168,7 +170,14 @@ class ClientConnection(Side):
         self.record = AccessRecord()
         self.peer = ""
         self.client_ip: IPAddress | None = None
+        self.identity: ClientIdentity | None = None
         self.task: asyncio.Task[None] | None = None
+
+    @property
+    def client_namespace(self) -> str:
+        """The client pod's namespace (a bounded metric label), "" for other clients."""
+        identity = self.identity
+        return identity.namespace if identity is not None else ""
 
     # --- flow.Side ---------------------------------------------------------------------------
 
@@ -206,7 +215,7 @@ class ClientConnection(Side):
         if len(server.connections) > server.limits.max_connections or server.state.draining:
             server.metrics.rejected.labels("overload").inc()
             self.respond(503, "overloaded", "too many connections, try again later")
-        elif server.state.engine is None:
+        elif not server.state.serving:
             server.metrics.rejected.labels("not_ready").inc()
             self.respond(503, "not_ready", "no policy bundle loaded yet")
 
@@ -456,6 +465,13 @@ class ClientConnection(Side):
         server = self.server
         engine, resolver = server.state.engine, server.state.resolver
         assert engine is not None and resolver is not None and self.client_ip is not None
+        # Who the client is: looked up once, at decision time (after any PROXY header).
+        identity = self.identity = server.state.identities.lookup(self.client_ip)
+        record = self.record
+        record.identity = kind = engine.client_kind(self.client_ip, identity)
+        server.metrics.clients.labels(kind).inc()
+        if identity is not None and identity.kind == "pod":
+            record.client_namespace, record.client_pod = identity.namespace, identity.name
         result = await admit(
             raw_head,
             client=self.client_ip,
@@ -465,6 +481,7 @@ class ClientConnection(Side):
             metrics=server.metrics,
             record=self.record,
             own_socket=server.is_own_socket,
+            identity=identity,
         )
         if self.phase != WORKING:
             return
@@ -474,7 +491,9 @@ class ClientConnection(Side):
         if not await self._dial(result):
             return
         decision = result.decision
-        server.metrics.count_request(decision.verdict, decision.policy or "", decision.reason)
+        server.metrics.count_request(
+            decision.verdict, decision.policy or "", decision.reason, self.client_namespace
+        )
         if result.plain is not None:
             self._start_plain_http(result)
             return
@@ -581,7 +600,7 @@ class ClientConnection(Side):
         # The 200 is already sent, so the refusal is a closed connection, logged and counted.
         self.record.refused(REASON_SNI)
         self.record.message = message
-        self.server.metrics.count_request("deny", "", REASON_SNI)
+        self.server.metrics.count_request("deny", "", REASON_SNI, self.client_namespace)
         self.abort_quietly()
 
     # --- responses and the end ---------------------------------------------------------------
@@ -601,7 +620,9 @@ class ClientConnection(Side):
         record.reason = reason
         record.status = status
         record.message = message
-        self.server.metrics.count_request(record.decision or "deny", record.policy or "", reason)
+        self.server.metrics.count_request(
+            record.decision or "deny", record.policy or "", reason, self.client_namespace
+        )
         if transport is None or transport.is_closing():
             return
         body = (message + "\n").encode("utf-8", "replace")

@@ -19,6 +19,7 @@ import yaml
 from .addresses import IPNetwork, parse_network
 from .hosts import Host, HostError, parse_host_pattern
 from .model import (
+    CLUSTER,
     DEFAULT_PORTS,
     DnsSettings,
     Gateway,
@@ -27,6 +28,7 @@ from .model import (
     Policy,
     Rule,
 )
+from .selectors import LabelSelector, SelectorError, parse_selector
 
 API_VERSION = "tidegate.io/v1alpha1"
 MAX_RULES_PER_POLICY = 10_000
@@ -188,35 +190,64 @@ def _rule(raw: object, kind: str, index: int, path: str) -> Rule:
     return Rule(rule_kind, index, cidr=cidr, ports=ports)
 
 
+SOURCES_MOVED = (
+    "an EgressPolicy governs the pods of its own namespace and has no 'sources'; clients "
+    "that are not pods (peered VPCs, on-premises) are selected by a ClusterEgressPolicy's "
+    "spec.sources.cidrs (see docs/policies.md, 'Migrating sources')"
+)
+
+
+def _selector(raw: object, path: str) -> LabelSelector | None:
+    if raw is None:
+        return None
+    try:
+        return parse_selector(raw)
+    except SelectorError as exc:
+        field = f"{path}.{exc.field}" if exc.field else path
+        raise PolicyError(exc.message, field=field) from None
+
+
+def _gateway_ref(spec: Mapping[str, Any], namespace: str) -> GatewayRef | None:
+    if spec.get("gatewayRef") is None:
+        return None
+    raw_ref = _mapping(spec["gatewayRef"], "spec.gatewayRef")
+    _no_unknown(raw_ref, "spec.gatewayRef", ("name", "namespace"))
+    if not namespace and raw_ref.get("namespace") is None:
+        raise PolicyError(
+            "a ClusterEgressPolicy must name the gateway's namespace",
+            field="spec.gatewayRef.namespace",
+        )
+    return GatewayRef(
+        _str(raw_ref.get("name"), "spec.gatewayRef.name"),
+        _str(raw_ref.get("namespace", namespace), "spec.gatewayRef.namespace"),
+    )
+
+
+def _rules(spec: Mapping[str, Any]) -> tuple[tuple[Rule, ...], tuple[Rule, ...]]:
+    allow_raw = _list(spec.get("allow"), "spec.allow", max_items=MAX_RULES_PER_POLICY)
+    deny_raw = _list(spec.get("deny"), "spec.deny", max_items=MAX_RULES_PER_POLICY)
+    allow = tuple(_rule(r, "allow", i, f"spec.allow[{i}]") for i, r in enumerate(allow_raw))
+    deny = tuple(_rule(r, "deny", i, f"spec.deny[{i}]") for i, r in enumerate(deny_raw))
+    return allow, deny
+
+
 def parse_policy(obj: Mapping[str, Any], *, default_namespace: str = "default") -> Policy:
-    """Validate one EgressPolicy object (a dict as from YAML or the API)."""
+    """Validate one EgressPolicy (or, by its ``kind``, ClusterEgressPolicy) object."""
+    if obj.get("kind") == CLUSTER:
+        return parse_cluster_policy(obj)
     metadata = _mapping(obj.get("metadata"), "metadata")
     name = _str(metadata.get("name"), "metadata.name")
     namespace = metadata.get("namespace") or default_namespace
     where = f"EgressPolicy {namespace}/{name}"
     try:
         spec = _mapping(obj.get("spec"), "spec")
-        _no_unknown(spec, "spec", ("gatewayRef", "mode", "sources", "allow", "deny"))
-        mode = _choice(spec.get("mode"), "spec.mode", ("Enforce", "Audit"), "Enforce")
-        ref = None
-        if spec.get("gatewayRef") is not None:
-            raw_ref = _mapping(spec["gatewayRef"], "spec.gatewayRef")
-            _no_unknown(raw_ref, "spec.gatewayRef", ("name", "namespace"))
-            ref = GatewayRef(
-                _str(raw_ref.get("name"), "spec.gatewayRef.name"),
-                _str(raw_ref.get("namespace", namespace), "spec.gatewayRef.namespace"),
-            )
-        sources = None
         if spec.get("sources") is not None:
-            raw_sources = _mapping(spec["sources"], "spec.sources")
-            _no_unknown(raw_sources, "spec.sources", ("cidrs",))
-            sources = _networks(raw_sources.get("cidrs"), "spec.sources.cidrs")
-            if not sources:
-                raise PolicyError("must list at least one CIDR", field="spec.sources.cidrs")
-        allow_raw = _list(spec.get("allow"), "spec.allow", max_items=MAX_RULES_PER_POLICY)
-        deny_raw = _list(spec.get("deny"), "spec.deny", max_items=MAX_RULES_PER_POLICY)
-        allow = tuple(_rule(r, "allow", i, f"spec.allow[{i}]") for i, r in enumerate(allow_raw))
-        deny = tuple(_rule(r, "deny", i, f"spec.deny[{i}]") for i, r in enumerate(deny_raw))
+            raise PolicyError(SOURCES_MOVED, field="spec.sources")
+        _no_unknown(spec, "spec", ("gatewayRef", "mode", "podSelector", "allow", "deny"))
+        mode = _choice(spec.get("mode"), "spec.mode", ("Enforce", "Audit"), "Enforce")
+        ref = _gateway_ref(spec, namespace)
+        pods = _selector(spec.get("podSelector"), "spec.podSelector")
+        allow, deny = _rules(spec)
     except PolicyError as exc:
         raise exc.located(obj=where) from None
     return Policy(
@@ -224,9 +255,52 @@ def parse_policy(obj: Mapping[str, Any], *, default_namespace: str = "default") 
         name=name,
         mode=cast(Any, mode),
         gateway_ref=ref,
+        allow=allow,
+        deny=deny,
+        pod_selector=pods,
+    )
+
+
+def parse_cluster_policy(obj: Mapping[str, Any]) -> Policy:
+    """Validate one ClusterEgressPolicy: selectors and/or source CIDRs, and rules."""
+    metadata = _mapping(obj.get("metadata"), "metadata")
+    name = _str(metadata.get("name"), "metadata.name")
+    where = f"ClusterEgressPolicy {name}"
+    try:
+        spec = _mapping(obj.get("spec"), "spec")
+        known = ("gatewayRef", "mode", "namespaceSelector", "podSelector", "sources")
+        _no_unknown(spec, "spec", (*known, "allow", "deny"))
+        mode = _choice(spec.get("mode"), "spec.mode", ("Enforce", "Audit"), "Enforce")
+        ref = _gateway_ref(spec, "")
+        namespaces = _selector(spec.get("namespaceSelector"), "spec.namespaceSelector")
+        pods = _selector(spec.get("podSelector"), "spec.podSelector")
+        sources = None
+        if spec.get("sources") is not None:
+            raw_sources = _mapping(spec["sources"], "spec.sources")
+            _no_unknown(raw_sources, "spec.sources", ("cidrs",))
+            sources = _networks(raw_sources.get("cidrs"), "spec.sources.cidrs")
+            if not sources:
+                raise PolicyError("must list at least one CIDR", field="spec.sources.cidrs")
+        if namespaces is None and pods is None and sources is None:
+            raise PolicyError(
+                'selects no clients: set namespaceSelector and/or podSelector ("{}" selects'
+                " every pod) or sources.cidrs",
+                field="spec",
+            )
+        allow, deny = _rules(spec)
+    except PolicyError as exc:
+        raise exc.located(obj=where) from None
+    return Policy(
+        namespace="",
+        name=name,
+        mode=cast(Any, mode),
+        gateway_ref=ref,
         sources=sources,
         allow=allow,
         deny=deny,
+        kind=CLUSTER,
+        pod_selector=pods,
+        namespace_selector=namespaces,
     )
 
 
@@ -380,7 +454,8 @@ def parse_gateway(obj: Mapping[str, Any], *, default_namespace: str = "tidegate-
 
 
 def parse_documents(text: str, *, source: str = "<stream>") -> Documents:
-    """Parse a multi-document YAML stream of EgressPolicy and EgressGateway objects."""
+    """Parse a multi-document YAML stream of EgressPolicy, ClusterEgressPolicy and
+    EgressGateway objects."""
     try:
         raw_docs = list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:
@@ -401,7 +476,7 @@ def parse_documents(text: str, *, source: str = "<stream>") -> Documents:
                     field="apiVersion",
                 )
             kind = doc.get("kind")
-            if kind == "EgressPolicy":
+            if kind in ("EgressPolicy", CLUSTER):
                 policies.append(parse_policy(doc))
             elif kind == "EgressGateway":
                 if gateway is not None:
@@ -409,7 +484,8 @@ def parse_documents(text: str, *, source: str = "<stream>") -> Documents:
                 gateway = parse_gateway(doc)
             else:
                 raise PolicyError(
-                    f"kind {kind!r} is not EgressPolicy or EgressGateway", field="kind"
+                    f"kind {kind!r} is not EgressPolicy, ClusterEgressPolicy or EgressGateway",
+                    field="kind",
                 )
         except PolicyError as exc:
             raise exc.located(source=source, document=position) from None
@@ -424,7 +500,7 @@ def merge_documents(parts: Iterable[tuple[str, Documents]]) -> Documents:
     for source, docs in parts:
         for policy in docs.policies:
             if policy.key in policies:
-                raise PolicyError(f"EgressPolicy {policy.key} is defined twice", source=source)
+                raise PolicyError(f"{policy.kind} {policy.key} is defined twice", source=source)
             policies[policy.key] = policy
         if docs.gateway is not None:
             if gateway is not None:

@@ -11,10 +11,14 @@ from typing import Literal
 
 from .addresses import IPNetwork
 from .hosts import Host, HostPattern
+from .selectors import LabelSelector
 
 Mode = Literal["Enforce", "Audit"]
 Action = Literal["Allow", "Deny"]
 RuleKind = Literal["allow", "deny"]
+PolicyKind = Literal["EgressPolicy", "ClusterEgressPolicy"]
+NAMESPACED: PolicyKind = "EgressPolicy"
+CLUSTER: PolicyKind = "ClusterEgressPolicy"
 
 DEFAULT_PORTS: tuple[int, ...] = (80, 443)
 
@@ -56,6 +60,18 @@ class GatewayRef:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
+    """An EgressPolicy or a ClusterEgressPolicy, after validation.
+
+    Who it governs (see ``docs/policies.md``):
+
+    - EgressPolicy (``kind`` NAMESPACED): the pods of ``namespace`` that ``pod_selector``
+      matches (None: every pod of the namespace). Nothing outside its namespace.
+    - ClusterEgressPolicy (``kind`` CLUSTER, ``namespace`` ""): pods whose namespace
+      ``namespace_selector`` matches and whose labels ``pod_selector`` matches (when at
+      least one of the two is set; the unset one matches everything), and clients whose
+      address is in ``sources`` (peered VPCs, on-premises, hostNetwork, unknown addresses).
+    """
+
     namespace: str
     name: str
     mode: Mode = "Enforce"
@@ -63,10 +79,20 @@ class Policy:
     sources: tuple[IPNetwork, ...] | None = None
     allow: tuple[Rule, ...] = ()
     deny: tuple[Rule, ...] = ()
+    kind: PolicyKind = NAMESPACED
+    pod_selector: LabelSelector | None = None
+    namespace_selector: LabelSelector | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
+        """``namespace/name``; a cluster policy's key is its bare name (never has a "/")."""
+        return self.name if self.kind == CLUSTER else f"{self.namespace}/{self.name}"
+
+    @property
+    def selects_pods(self) -> bool:
+        if self.kind == NAMESPACED:
+            return True
+        return self.pod_selector is not None or self.namespace_selector is not None
 
     @property
     def rule_count(self) -> int:
@@ -116,7 +142,9 @@ class Gateway:
 
 
 __all__ = [
+    "CLUSTER",
     "DEFAULT_PORTS",
+    "NAMESPACED",
     "Action",
     "DnsSettings",
     "Gateway",
@@ -126,5 +154,6 @@ __all__ = [
     "Mode",
     "NamespaceSelection",
     "Policy",
+    "PolicyKind",
     "Rule",
 ]

@@ -97,7 +97,17 @@ _HELP = {
         "the policies of the bundle only)."
     ),
     "tidegate_policy_denied": "Requests denied under this policy (policy, no-match, port).",
-    "tidegate_requests": "Proxy requests (CONNECT or plain HTTP) by decision, policy, reason.",
+    "tidegate_requests": (
+        "Proxy requests (CONNECT or plain HTTP) by decision, policy, reason and the client's"
+        " namespace (empty for clients that are not pods)."
+    ),
+    "tidegate_clients": (
+        "Decisions by what the client was: pod, host_network, cidr (no identity, inside a"
+        " cluster policy's sources) or unknown_client (governed by no policy)."
+    ),
+    "tidegate_identities_generation": "Generation of the client identity table in force.",
+    "tidegate_identities_addresses": "Client addresses in the identity table in force.",
+    "tidegate_identity_reloads": "Identity table updates by result (success, error, stale).",
     "tidegate_tunnels_active": "Open tunnels: client connections with a destination dialled.",
     "tidegate_event_loop_tasks": "asyncio tasks alive on the gateway's loop (a leak shows here).",
     "tidegate_connections_active": "Open client connections, tunnels and heads in progress.",
@@ -130,7 +140,11 @@ class Metrics:
         *,
         audit_destinations: int = DEFAULT_CAPACITY,
     ) -> None:
-        self.requests = Labelled("decision", "policy", "reason")
+        self.requests = Labelled("decision", "policy", "reason", "client_namespace")
+        self.clients = Labelled("identity")
+        self.identities_generation = Value()
+        self.identities_addresses = Value()
+        self.identity_reloads = Labelled("result")
         # Denied and would-deny destinations per policy (served on GET /audit); its
         # per-policy totals are the two policy-labelled counters below.
         self.audit = AuditRecord(capacity=audit_destinations, started=time.time())
@@ -161,9 +175,11 @@ class Metrics:
             self.registry.register(PROCESS_COLLECTOR)
             self.registry.register(PLATFORM_COLLECTOR)
 
-    def count_request(self, decision: str, policy: str, reason: str) -> None:
+    def count_request(
+        self, decision: str, policy: str, reason: str, client_namespace: str = ""
+    ) -> None:
         requests = self.requests.children
-        key = (decision, policy, reason)
+        key = (decision, policy, reason, client_namespace)
         child = requests.get(key)
         if child is None:
             if len(requests) > 10_000:  # policies churned a lot: start the label set over
@@ -183,6 +199,15 @@ class Metrics:
         info.add_metric([_VERSION, "gateway", platform.python_version()], 1)
         yield info
         yield from _labelled_counter("tidegate_requests", self.requests)
+        yield from _labelled_counter("tidegate_clients", self.clients)
+        for name, value in (
+            ("tidegate_identities_generation", self.identities_generation),
+            ("tidegate_identities_addresses", self.identities_addresses),
+        ):
+            gauge = GaugeMetricFamily(name, _HELP[name])
+            gauge.add_metric([], value.value)
+            yield gauge
+        yield from _labelled_counter("tidegate_identity_reloads", self.identity_reloads)
         for name, value in (
             ("tidegate_tunnels_active", self.tunnels_active),
             ("tidegate_connections_active", self.connections_active),

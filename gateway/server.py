@@ -25,10 +25,22 @@ from .observe import AccessLog, Metrics
 from .proxy import ProxyServer
 from .proxyproto import TrustedPeers
 from .settings import Limits
-from .sources import BundleFileSource, ConfigMapSource, DirectorySource
+from .sources import (
+    BundleFileSource,
+    ConfigMapSource,
+    DirectorySource,
+    IdentityConfigMaps,
+    IdentityFileSource,
+)
 from .state import GatewayState
 
 log = logging.getLogger("tidegate.gateway")
+
+Polled = DirectorySource | BundleFileSource | IdentityFileSource
+Watched = ConfigMapSource | IdentityConfigMaps
+
+# Standalone: ClientIdentities files in this folder beside the policies say who clients are.
+IDENTITIES_DIR = "identities"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +50,8 @@ class GatewayOptions:
     policies: Path | None = None
     bundle: Path | None = None
     configmap: tuple[str, str] | None = None
+    identities: Path | None = None
+    identities_configmap: tuple[str, str] | None = None
     kubeconfig: Path | None = None
     reload_interval: float = 1.0
     limits: Limits = field(default_factory=Limits)
@@ -81,8 +95,8 @@ async def run_gateway(options: GatewayOptions) -> int:
     state = GatewayState(metrics=metrics, dns_timeout=options.limits.dns_timeout)
     access_log = AccessLog(options.access_log)
     tasks: list[asyncio.Task[None]] = []
-    polled: list[DirectorySource | BundleFileSource] = []
-    watched: list[ConfigMapSource] = []
+    polled: list[Polled] = []
+    watched: list[Watched] = []
 
     if options.policies is not None:
         problem = unreadable_policies(options.policies)
@@ -101,14 +115,27 @@ async def run_gateway(options: GatewayOptions) -> int:
         file_source = BundleFileSource(options.bundle, state, interval=options.reload_interval)
         await file_source.load_once()
         polled.append(file_source)
-    if options.configmap is not None:
-        namespace, name = options.configmap
+    identities = options.identities
+    if identities is None and options.policies is not None:
+        identities = options.policies / IDENTITIES_DIR  # may appear later; empty until then
+    if identities is not None:
+        identity_files = IdentityFileSource(identities, state, interval=options.reload_interval)
+        await identity_files.load_once()
+        polled.append(identity_files)
+    if options.configmap is not None or options.identities_configmap is not None:
+        namespace, name = options.configmap or options.identities_configmap or ("", "")
         try:
             access = await load_access(options.kubeconfig)
         except KubeConfigError as exc:
             log.error("cannot watch configmap %s/%s: %s", namespace, name, exc)
             return 2
-        watched.append(ConfigMapSource(namespace, name, state, access=access))
+        if options.configmap is not None:
+            namespace, name = options.configmap
+            watched.append(ConfigMapSource(namespace, name, state, access=access))
+        if options.identities_configmap is not None:
+            namespace, name = options.identities_configmap
+            state.identities_required = True
+            watched.append(IdentityConfigMaps(namespace, name, state, access=access))
     tasks.extend(asyncio.create_task(source.run()) for source in polled)
     tasks.extend(_watch_task(source) for source in watched)
     if state.engine is None:
@@ -177,8 +204,8 @@ async def run_gateway(options: GatewayOptions) -> int:
 
 
 async def _reload(
-    polled: list[DirectorySource | BundleFileSource],
-    watched: list[ConfigMapSource],
+    polled: list[Polled],
+    watched: list[Watched],
     tasks: list[asyncio.Task[None]],
 ) -> None:
     """SIGHUP: re-read every file source now; restart the API watches (a fresh list)."""
@@ -195,7 +222,7 @@ async def _reload(
                 tasks[i] = _watch_task(watch)
 
 
-def _watch_task(source: ConfigMapSource) -> asyncio.Task[None]:
+def _watch_task(source: Watched) -> asyncio.Task[None]:
     task = asyncio.create_task(source.run())
     task.source = source  # type: ignore[attr-defined]
     return task

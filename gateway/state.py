@@ -1,5 +1,9 @@
 """The gateway's live policy: the engine and resolver in force, swapped atomically.
 
+The identity table (which pod is behind which client address) is separate from the
+bundle: it changes with every pod start and stop, the bundle with policy edits. Each is
+swapped on its own, and a connection reads both once, when it decides.
+
 A reload builds a complete new ``Engine`` (and a new resolver if DNS settings changed)
 and then replaces one reference. Connections read ``state.engine`` once, when they make
 their decision, so a tunnel that is already open keeps running untouched and a new
@@ -15,6 +19,7 @@ import logging
 from .bundle import Bundle
 from .dns import Resolver
 from .engine import Engine
+from .identity import EMPTY_TABLE, IdentityTable
 from .observe import Metrics
 
 log = logging.getLogger("tidegate.gateway.state")
@@ -31,6 +36,42 @@ class GatewayState:
         self.ready = asyncio.Event()
         self.draining = False
         self._lock = asyncio.Lock()
+        self.identities: IdentityTable = EMPTY_TABLE
+        # In a cluster the gateway is not ready before the first identity table arrives:
+        # until then every pod would be an unknown client (denied, but needlessly).
+        self.identities_required = False
+        self.identities_loaded = False
+
+    def install_identities(self, table: IdentityTable, *, source: str) -> None:
+        """Swap in a new identity table (one reference; connections read it once)."""
+        first = not self.identities_loaded
+        self.identities = table
+        self.identities_loaded = True
+        self.metrics.identities_generation.set(table.generation)
+        self.metrics.identities_addresses.set(len(table))
+        self.metrics.identity_reloads.labels("success").inc()
+        log.log(
+            logging.INFO if first else logging.DEBUG,
+            "identities generation %d (%d addresses, %d pods) in force, from %s",
+            table.generation,
+            len(table),
+            table.pods,
+            source,
+        )
+
+    def reject_identities(self, error: Exception, *, source: str) -> None:
+        self.metrics.identity_reloads.labels("error").inc()
+        log.error(
+            "rejected identities update from %s, generation %d stays in force: %s",
+            source,
+            self.identities.generation,
+            error,
+        )
+
+    @property
+    def serving(self) -> bool:
+        """Ready to decide: a bundle, and the identities when they are expected."""
+        return self.engine is not None and (self.identities_loaded or not self.identities_required)
 
     def _install(self, bundle: Bundle, engine: Engine) -> None:
         if self.resolver is None or self.resolver.settings != bundle.gateway.dns:

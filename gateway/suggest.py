@@ -46,6 +46,7 @@ from .auditrecord import rfc3339
 from .bundle import Bundle
 from .engine import REASON_RULE_DENY, Engine
 from .hosts import Host, HostError, HostPattern, normalize_host
+from .identity import pod_identity
 from .logshape import TIME, epoch_of
 from .model import Policy
 from .suffixes import Suffixes, default_suffixes
@@ -53,8 +54,9 @@ from .suffixes import Suffixes, default_suffixes
 # Access-log field names this reads (written by the gateway's access record).
 F_DECISION, F_REASON, F_HOST, F_PORT = "decision", "reason", "host", "port"
 F_CLIENT, F_TS, F_POLICY, F_RULE = "client", "ts", "policy", "rule"
-#: The client's namespace, when the gateway knows the pod behind the address.
+#: The client's namespace and pod name, when the gateway knows the pod behind the address.
 F_CLIENT_NAMESPACE = "client_namespace"
+F_CLIENT_POD = "client_pod"
 
 LET_THROUGH = frozenset({"allow", "audit"})
 #: Denials that say nothing about the destination (a wildcard may still cover those names).
@@ -182,6 +184,7 @@ class Line:
     ts: float
     policy: str | None = None
     rule: str | None = None
+    pod: str | None = None
 
 
 def _peer_address(peer: object) -> IPAddress | None:
@@ -222,6 +225,7 @@ def parse_line(text: str) -> Line | None:
     client = _peer_address(record.get(F_CLIENT))
     namespace = record.get(F_CLIENT_NAMESPACE)
     ts = epoch_of(record.get(TIME, record.get(F_TS)))  # older lines carry an epoch "ts"
+    pod = record.get(F_CLIENT_POD)
     return Line(
         verdict=verdict,
         reason=reason if isinstance(reason, str) else "",
@@ -232,6 +236,7 @@ def parse_line(text: str) -> Line | None:
         ts=ts or 0.0,
         policy=record.get(F_POLICY) if isinstance(record.get(F_POLICY), str) else None,
         rule=record.get(F_RULE) if isinstance(record.get(F_RULE), str) else None,
+        pod=pod if isinstance(pod, str) and pod else None,
     )
 
 
@@ -274,6 +279,8 @@ class Observed:
     refused_by_rule: dict[tuple[Group, str, int], Stat] = field(default_factory=dict)
     refused_names: set[str] = field(default_factory=set)  # any destination denial, any group
     ips: dict[str, Host] = field(default_factory=dict)
+    #: client address -> (namespace, pod) the gateway logged for it (the latest line)
+    pods: dict[str, tuple[str, str]] = field(default_factory=dict)
     lines: int = 0
     used: int = 0
 
@@ -311,6 +318,8 @@ def observe(
         if line.host.kind == "ip":
             seen.ips[host] = line.host
         client = str(line.client) if line.client is not None else ""
+        if client and line.namespace:
+            seen.pods[client] = (line.namespace, line.pod or "")
         if line.verdict in LET_THROUGH:
             table = seen.caught if line.reason == REASON_RULE_DENY else seen.let_through
             table.setdefault((group, client, host, line.port), Stat()).add(line.ts)
@@ -368,7 +377,11 @@ def would_break(seen: Observed, engine: Engine) -> list[Breakage]:
         if not client:
             continue
         host = seen.ips.get(host_name) or Host("name", host_name)
-        decision = engine.decide(ipaddress.ip_address(client), host, port)
+        # The pod the gateway logged behind the address (its labels are not in the log:
+        # a podSelector-narrowed policy is judged as not selecting it - the cautious side).
+        pod = seen.pods.get(client)
+        identity = pod_identity(pod[0], pod[1], {}, {}) if pod is not None else None
+        decision = engine.decide(ipaddress.ip_address(client), host, port, identity)
         if decision.allowed:
             continue
         key = (group, host_name, port)
@@ -476,18 +489,30 @@ def _requests(n: int) -> str:
 def render_policy(
     group: Group, rules: list[Suggested], *, name: str, namespace: str, ips: Mapping[str, Host]
 ) -> list[str]:
-    """One EgressPolicy document (YAML lines) allowing ``rules`` for ``group``."""
-    out = [
-        "apiVersion: tidegate.io/v1alpha1",
-        "kind: EgressPolicy",
-        "metadata:",
-        f"  name: {_policy_name(name, group)}",
-        f"  namespace: {group.value if group.kind == 'namespace' else namespace}",
-        "spec:",
-        "  mode: Enforce",
-    ]
+    """One policy document (YAML lines) allowing ``rules`` for ``group``: an EgressPolicy
+    for a namespace's pods (or ``namespace``'s, for everyone), a ClusterEgressPolicy with
+    ``sources.cidrs`` for a client range (only a cluster policy selects by address)."""
     if group.kind == "range":
-        out += ["  sources:", f'    cidrs: ["{group.value}"]']
+        out = [
+            "apiVersion: tidegate.io/v1alpha1",
+            "kind: ClusterEgressPolicy",
+            "metadata:",
+            f"  name: {_policy_name(name, group)}",
+            "spec:",
+            "  mode: Enforce",
+            "  sources:",
+            f'    cidrs: ["{group.value}"]',
+        ]
+    else:
+        out = [
+            "apiVersion: tidegate.io/v1alpha1",
+            "kind: EgressPolicy",
+            "metadata:",
+            f"  name: {_policy_name(name, group)}",
+            f"  namespace: {group.value if group.kind == 'namespace' else namespace}",
+            "spec:",
+            "  mode: Enforce",
+        ]
     if not rules:
         out.append("  allow: []")
         return out

@@ -4,6 +4,12 @@ A policy names its gateway with ``spec.gatewayRef``; without one it binds to the
 operator's default gateway (``--default-gateway``, ``tidegate-system/default``). The
 gateway then admits it or not by ``allowedPolicyNamespaces``: All, Same (only its own
 namespace) or Selector (namespaces whose labels match, like a label selector).
+ClusterEgressPolicies are cluster-scoped - only whoever may create cluster objects can
+write them - so every gateway admits them; allowedPolicyNamespaces is about namespaces.
+
+Admission only decides whether a policy is in a gateway's bundle. What it can reach is
+fixed by its kind: an EgressPolicy governs its own namespace's pods, whatever a gateway
+admits (so one tenant can never allow or deny anything for another's workloads).
 
 Everything here is pure: the handlers feed it what kopf's indexes hold.
 """
@@ -15,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tidegate.gateway.documents import PolicyError, parse_policy
-from tidegate.gateway.model import Gateway, NamespaceSelection, Policy
+from tidegate.gateway.model import CLUSTER, NAMESPACED, Gateway, NamespaceSelection, Policy
 
 DEFAULT_GATEWAY = "tidegate-system/default"
 
@@ -37,10 +43,12 @@ class PolicyEntry:
     status_rules: int | None = None
     status_audit: Mapping[str, Any] | None = None
     body_ref: Mapping[str, Any] = field(default_factory=dict)
+    kind: str = NAMESPACED
 
     @property
     def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
+        """As ``Policy.key``: ``namespace/name``, a cluster policy's bare name."""
+        return self.name if self.kind == CLUSTER else f"{self.namespace}/{self.name}"
 
 
 def gateway_key_of(raw_spec: Mapping[str, Any], namespace: str, default_gateway: str) -> str:
@@ -53,9 +61,10 @@ def gateway_key_of(raw_spec: Mapping[str, Any], namespace: str, default_gateway:
 
 
 def make_entry(body: Mapping[str, Any], *, default_gateway: str = DEFAULT_GATEWAY) -> PolicyEntry:
-    """Parse an EgressPolicy body (from the API) into an index entry; never raises."""
+    """Parse an EgressPolicy / ClusterEgressPolicy body into an index entry; never raises."""
     meta = body.get("metadata") or {}
-    namespace = str(meta.get("namespace") or "default")
+    kind = CLUSTER if body.get("kind") == CLUSTER else NAMESPACED
+    namespace = "" if kind == CLUSTER else str(meta.get("namespace") or "default")
     name = str(meta.get("name") or "")
     spec = body.get("spec") or {}
     status = body.get("status") or {}
@@ -83,9 +92,11 @@ def make_entry(body: Mapping[str, Any], *, default_gateway: str = DEFAULT_GATEWA
         status_audit=status.get("audit") if isinstance(status.get("audit"), Mapping) else None,
         body_ref={
             "apiVersion": body.get("apiVersion", "tidegate.io/v1alpha1"),
-            "kind": body.get("kind", "EgressPolicy"),
-            "metadata": {"name": name, "namespace": namespace, "uid": meta.get("uid")},
+            "kind": kind,
+            "metadata": {"name": name, "uid": meta.get("uid")}
+            | ({"namespace": namespace} if namespace else {}),
         },
+        kind=kind,
     )
 
 
@@ -178,7 +189,9 @@ def bind(
     for entry in sorted(entries, key=lambda e: e.key):
         if entry.gateway != gateway.key:
             continue
-        if not admits(gateway, entry.namespace, namespace_labels.get(entry.namespace)):
+        if entry.kind == NAMESPACED and not admits(
+            gateway, entry.namespace, namespace_labels.get(entry.namespace)
+        ):
             verdicts.append(
                 Verdict(
                     entry,

@@ -23,14 +23,17 @@ from tidegate.gateway.kubeaccess import KubeAccess, KubeConfigError, load_access
 
 from .binding import DEFAULT_GATEWAY, gateway_key_of, make_entry
 from .defaultgwwatch import follow_default_gateway
+from .identities import pod_record
+from .identitypub import IdentityPublisher
 from .kubeapi import KubeClient
 from .metrics import Metrics
 from .ownedwatch import watch_owned
-from .reconcile import Reconciler, Settings, Views
+from .reconcile import ChainedIndex, Reconciler, Settings, Views
 from .render import Names
 
 GROUP, VERSION = "tidegate.io", "v1alpha1"
 POLICIES, GATEWAYS = "egresspolicies", "egressgateways"
+CLUSTER_POLICIES = "clusteregresspolicies"
 RESYNC_SECONDS = 60.0
 #: Delays between retries of a failed API call (kopf's watches and patches): about ten
 #: minutes of 2 s retries before kopf gives up on one call.
@@ -53,6 +56,7 @@ class Runtime:
     logins: int = 0
     reconciler: Reconciler | None = None
     default_gateway_task: asyncio.Task[None] | None = None
+    publisher: IdentityPublisher | None = None
 
     def attach(self, kwargs: Mapping[str, Any]) -> Reconciler:
         """Point the reconciler at kopf's live indexes."""
@@ -60,10 +64,20 @@ class Runtime:
             raise kopf.TemporaryError("the operator is still starting", delay=1)
         self.reconciler.views = Views(
             gateways=kwargs["gateway_index"],
-            policies=kwargs["policy_index"],
+            policies=ChainedIndex(kwargs["policy_index"], kwargs["cluster_policy_index"]),
             namespaces=kwargs["namespace_index"],
         )
+        if self.publisher is not None:
+            self.publisher.pods = kwargs["pod_index"]
+            self.publisher.gateways = kwargs["gateway_index"]
+            self.publisher.namespaces = kwargs["namespace_index"]
         return self.reconciler
+
+    def publish_identities(self, kwargs: Mapping[str, Any]) -> None:
+        """Ask for an identities pass (pods or namespaces changed, a gateway appeared)."""
+        self.attach(kwargs)
+        if self.publisher is not None:
+            self.publisher.request()
 
 
 def _runtime(memo: Any) -> Runtime:
@@ -112,6 +126,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
             ),
             name="follow the default gateway's ConfigMap",
         )
+    runtime.publisher = IdentityPublisher(client)
 
 
 @kopf.on.cleanup()
@@ -120,6 +135,8 @@ async def cleanup(memo: Any, **_: Any) -> None:
     if runtime.default_gateway_task is not None:
         runtime.default_gateway_task.cancel()
         await asyncio.gather(runtime.default_gateway_task, return_exceptions=True)
+    if runtime.publisher is not None:
+        await runtime.publisher.close()
     if runtime.reconciler is not None:
         await runtime.reconciler.close()
         await runtime.reconciler.client.close()
@@ -172,6 +189,28 @@ def policy_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
     return {entry.gateway: entry}
 
 
+@kopf.index(GROUP, VERSION, CLUSTER_POLICIES)
+def cluster_policy_index(body: kopf.Body, memo: Any, **_: Any) -> dict[str, Any]:
+    entry = make_entry(body, default_gateway=_runtime(memo).settings.default_gateway)
+    return {entry.gateway: entry}
+
+
+@kopf.index("", "v1", "pods")
+def pod_index(
+    namespace: str | None,
+    name: str,
+    labels: kopf.Labels,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    **_: Any,
+) -> dict[str, Any]:
+    """address -> the pod claiming it (a few fields; the pod object itself is not kept)."""
+    record = pod_record(
+        namespace=namespace or "", name=name, labels=labels, spec=spec, status=status
+    )
+    return {} if record is None else {address: record for address in record.addresses}
+
+
 @kopf.index("", "v1", "namespaces")
 def namespace_index(name: str, labels: kopf.Labels, **_: Any) -> dict[str, Any]:
     return {name: dict(labels)}
@@ -189,6 +228,9 @@ def _ref_key(spec: Any, namespace: str | None, default_gateway: str) -> str:
 @kopf.on.resume(GROUP, VERSION, POLICIES)
 @kopf.on.create(GROUP, VERSION, POLICIES)
 @kopf.on.update(GROUP, VERSION, POLICIES)
+@kopf.on.resume(GROUP, VERSION, CLUSTER_POLICIES)
+@kopf.on.create(GROUP, VERSION, CLUSTER_POLICIES)
+@kopf.on.update(GROUP, VERSION, CLUSTER_POLICIES)
 async def policy_changed(
     body: kopf.Body, old: Any, namespace: str | None, memo: Any, logger: Any, **kwargs: Any
 ) -> None:
@@ -204,10 +246,11 @@ async def policy_changed(
             reconciler.request(previous)  # it leaves that gateway's bundle
     if entry.error:
         logger.warning("invalid: %s", entry.error)
-    runtime.metrics.observe("EgressPolicy", time.monotonic() - started, True)
+    runtime.metrics.observe(entry.kind, time.monotonic() - started, True)
 
 
 @kopf.on.event(GROUP, VERSION, POLICIES)
+@kopf.on.event(GROUP, VERSION, CLUSTER_POLICIES)
 async def policy_event(
     type: str, body: kopf.Body, namespace: str | None, memo: Any, **kwargs: Any
 ) -> None:
@@ -227,7 +270,9 @@ async def policy_event(
 @kopf.on.create(GROUP, VERSION, GATEWAYS)
 @kopf.on.update(GROUP, VERSION, GATEWAYS)
 async def gateway_changed(namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
-    _runtime(memo).attach(kwargs).request(f"{namespace or ''}/{name}")
+    runtime = _runtime(memo)
+    runtime.attach(kwargs).request(f"{namespace or ''}/{name}")
+    runtime.publish_identities(kwargs)
 
 
 @kopf.daemon(GROUP, VERSION, GATEWAYS, cancellation_timeout=5)
@@ -258,6 +303,7 @@ async def gateway_resync(
             if stopped or key not in kwargs["gateway_index"]:
                 break  # stopped, or the gateway was deleted (no finalizer told kopf to stop us)
             runtime.attach(kwargs).request(key)
+            runtime.publish_identities(kwargs)
     finally:
         if watcher is not None:
             watcher.cancel()
@@ -310,7 +356,20 @@ def _uses_selector(body: Mapping[str, Any]) -> bool:
 async def namespace_event(type: str | None, memo: Any, **kwargs: Any) -> None:
     if type is None:  # the initial listing: the gateways' own resume handlers cover it
         return
-    _runtime(memo).attach(kwargs).request_all(_uses_selector)
+    runtime = _runtime(memo)
+    runtime.attach(kwargs).request_all(_uses_selector)
+    runtime.publish_identities(kwargs)  # namespaceSelector sees namespace labels
+
+
+# --- pods: who is behind which client address ----------------------------------------------
+
+
+@kopf.on.event("", "v1", "pods")
+async def pod_event(type: str | None, memo: Any, **kwargs: Any) -> None:
+    """Any pod change may move an address: publish (coalesced; unchanged shards skipped)."""
+    if type is None:
+        return  # the initial listing: the gateways' resume handlers publish once
+    _runtime(memo).publish_identities(kwargs)
 
 
 __all__ = ["DEFAULT_GATEWAY", "Runtime"]

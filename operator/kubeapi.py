@@ -47,10 +47,11 @@ _PLURALS = {
     "Role": "roles",
     "RoleBinding": "rolebindings",
     "EgressPolicy": "egresspolicies",
+    "ClusterEgressPolicy": "clusteregresspolicies",
     "EgressGateway": "egressgateways",
-    "Namespace": "namespaces",
     "Pod": "pods",
     "NetworkPolicy": "networkpolicies",
+    "Namespace": "namespaces",
 }
 
 

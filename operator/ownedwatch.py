@@ -19,7 +19,14 @@ import logging
 from collections.abc import Callable
 
 from .kubeapi import ApiError, KubeClient, resource_path
-from .render import LABEL_GATEWAY, LABEL_MANAGED_BY, MANAGER, Names
+from .render import (
+    COMPONENT_IDENTITIES,
+    LABEL_COMPONENT,
+    LABEL_GATEWAY,
+    LABEL_MANAGED_BY,
+    MANAGER,
+    Names,
+)
 
 log = logging.getLogger("tidegate.operator")
 
@@ -30,7 +37,13 @@ RETRY_SECONDS = (1.0, 30.0)
 
 
 def label_selector(names: Names) -> str:
-    return f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_GATEWAY}={names.gateway}"
+    """Owned objects, except the identities ConfigMaps: those change with every pod start
+    and stop, are written by the identities publisher (which puts hand edits back on its
+    next pass), and must not cost a reconcile pass each."""
+    return (
+        f"{LABEL_MANAGED_BY}={MANAGER},{LABEL_GATEWAY}={names.gateway},"
+        f"{LABEL_COMPONENT}!={COMPONENT_IDENTITIES}"
+    )
 
 
 async def _watch_kind(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -114,6 +114,30 @@ def _condition_of(conditions: Iterable[Mapping[str, Any]], type_: str) -> Mappin
 
 def _ready_of(conditions: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     return _condition_of(conditions, "Ready")
+
+
+class ChainedIndex(Mapping[str, Iterable[PolicyEntry]]):
+    """EgressPolicy and ClusterEgressPolicy indexes (both keyed by gateway) seen as one."""
+
+    def __init__(self, *indexes: Mapping[str, Iterable[PolicyEntry]]) -> None:
+        self.indexes = indexes
+
+    def __getitem__(self, key: str) -> Iterable[PolicyEntry]:
+        found = [entry for index in self.indexes for entry in index.get(key, ())]
+        if not found and not any(key in index for index in self.indexes):
+            raise KeyError(key)
+        return found
+
+    def __iter__(self) -> Iterator[str]:
+        seen: set[str] = set()
+        for index in self.indexes:
+            for key in index:
+                if key not in seen:
+                    seen.add(key)
+                    yield key
+
+    def __len__(self) -> int:
+        return len(set().union(*(set(index) for index in self.indexes)))
 
 
 @dataclass
@@ -665,7 +689,7 @@ class Reconciler:
             if not status_differs(current, desired):
                 return
             path = resource_path(
-                GROUP_VERSION, "EgressPolicy", entry.namespace, entry.name, "status"
+                GROUP_VERSION, entry.kind, entry.namespace or None, entry.name, "status"
             )
             async with semaphore:
                 try:

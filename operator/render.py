@@ -32,6 +32,8 @@ MANAGER = "tidegate-operator"
 PROXY_PORT = 3128
 METRICS_PORT = 9090
 BUNDLE_DIR = "/etc/tidegate/bundle"
+IDENTITIES_DIR = "/etc/tidegate/identities"
+IDENTITIES_KEY = "identities.json"
 BUNDLE_KEY = "bundle.json"
 BUNDLE_GZ_KEY = "bundle.json.gz"
 RUN_AS = 65532
@@ -44,6 +46,11 @@ LABEL_GATEWAY = "tidegate.io/gateway"
 
 ANN_BUNDLE_SHA = "tidegate.io/bundle-sha256"
 ANN_BUNDLE_GENERATION = "tidegate.io/bundle-generation"
+ANN_IDENTITIES_SHA = "tidegate.io/identities-sha256"
+ANN_IDENTITIES_GENERATION = "tidegate.io/identities-generation"
+COMPONENT_IDENTITIES = "identities"
+# Identity shards per gateway at most (see identities.py); the gateway's Role names them all.
+MAX_IDENTITY_SHARDS = 32
 
 # Static, so they never roll the Deployment; the metrics port is never on the Service.
 SCRAPE_ANNOTATIONS = {
@@ -87,6 +94,14 @@ class Names:
 
     def proxy_host(self, cluster_domain: str) -> str:
         return f"{self.proxy_service}.{self.namespace}.svc.{cluster_domain}"
+
+    @property
+    def identities(self) -> str:
+        """The identities index ConfigMap; its shards are ``<identities>-<i>``."""
+        return f"{self.gateway}-identities"
+
+    def identity_shard(self, shard: int) -> str:
+        return f"{self.identities}-{shard}"
 
     @property
     def key(self) -> str:
@@ -156,7 +171,8 @@ def render_service_account(names: Names, owner: Owner | None = None) -> dict[str
 
 
 def render_role(names: Names, owner: Owner | None = None) -> dict[str, Any]:
-    """Read access to the gateway's own bundle ConfigMap, and nothing else."""
+    """Read access to the gateway's own ConfigMaps (bundle, identities), nothing else."""
+    shards = [names.identity_shard(i) for i in range(MAX_IDENTITY_SHARDS)]
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
@@ -165,7 +181,7 @@ def render_role(names: Names, owner: Owner | None = None) -> dict[str, Any]:
             {
                 "apiGroups": [""],
                 "resources": ["configmaps"],
-                "resourceNames": [names.bundle],
+                "resourceNames": [names.bundle, names.identities, *shards],
                 "verbs": ["get", "list", "watch"],
             }
         ],
@@ -225,6 +241,10 @@ def gateway_command(names: Names) -> list[str]:
         f"{BUNDLE_DIR}/{BUNDLE_KEY}",
         "--configmap",
         f"{names.namespace}/{names.bundle}",
+        "--identities",
+        IDENTITIES_DIR,
+        "--identities-configmap",
+        f"{names.namespace}/{names.identities}",
         "--listen",
         f"0.0.0.0:{PROXY_PORT}",
         "--metrics-listen",
@@ -252,6 +272,24 @@ def _topology_spread(gateway: Gateway, names: Names) -> list[dict[str, Any]]:
             "labelSelector": {"matchLabels": names.selector()},
         }
     ]
+
+
+def identities_volume(names: Names) -> dict[str, Any]:
+    """The identities index and every possible shard, as files (all optional: only those
+    that exist appear). The API watch is the fast path; these let a pod start, and keep
+    serving, when it cannot reach the API."""
+    sources = [
+        {
+            "configMap": {
+                "name": name,
+                "optional": True,
+                "items": [{"key": IDENTITIES_KEY, "path": f"{name}.json"}],
+            }
+        }
+        for name in [names.identities]
+        + [names.identity_shard(i) for i in range(MAX_IDENTITY_SHARDS)]
+    ]
+    return {"name": "identities", "projected": {"sources": sources}}
 
 
 def render_deployment(
@@ -296,6 +334,7 @@ def render_deployment(
         },
         "volumeMounts": [
             {"name": "bundle", "mountPath": BUNDLE_DIR, "readOnly": True},
+            {"name": "identities", "mountPath": IDENTITIES_DIR, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
     }
@@ -324,6 +363,7 @@ def render_deployment(
                     ],
                 },
             },
+            identities_volume(names),
             {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
         ],
     }

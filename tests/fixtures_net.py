@@ -608,6 +608,15 @@ def policy_doc(name: str, namespace: str = "t", **spec: Any) -> dict[str, Any]:
     }
 
 
+def cluster_policy_doc(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": API,
+        "kind": "ClusterEgressPolicy",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
 def standard_policies(net: Net) -> list[dict[str, Any]]:
     web_ports = sorted({80, 443, net.tls_port, net.http_port})
     return [
@@ -642,6 +651,27 @@ def write_policy_dir(
     tmp = directory / ".policies.yaml.tmp"
     tmp.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     os.replace(tmp, directory / "policies.yaml")  # atomic: a reload never sees half a file
+    write_local_identities(directory)
+
+
+def write_local_identities(directory: Path, namespace: str = "t", name: str = "local") -> None:
+    """Standalone client identities: loopback clients are the pod ``t/local`` (the
+    namespace ``policy_doc`` puts policies in), so those policies govern the tests."""
+    folder = directory / "identities"
+    folder.mkdir(exist_ok=True)
+    doc = {
+        "apiVersion": API,
+        "kind": "ClientIdentities",
+        "pods": [
+            {
+                "namespace": namespace,
+                "name": name,
+                "labels": {"app": "test"},
+                "addresses": ["127.0.0.1", "::1"],
+            }
+        ],
+    }
+    (folder / "local.yaml").write_text(yaml.safe_dump(doc))
 
 
 # --- the gateway process --------------------------------------------------------------
@@ -823,6 +853,9 @@ def _start(
             **gateway_spec,
         )
         args = ["--policies", str(policy_dir)]
+    elif "--identities" not in args and "--identities-configmap" not in args:
+        write_local_identities(workdir)  # loopback clients are the pod t/local here too
+        args = [*args, "--identities", str(workdir / "identities")]
     proxy_port, metrics_port = free_port(), free_port()
     log_path, stderr_path = workdir / "access.log", workdir / "stderr.log"
     command = [

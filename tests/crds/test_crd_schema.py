@@ -20,7 +20,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = ROOT / "crds"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-KINDS = {"EgressPolicy": "egresspolicies", "EgressGateway": "egressgateways"}
+KINDS = {
+    "EgressPolicy": "egresspolicies",
+    "ClusterEgressPolicy": "clusteregresspolicies",
+    "EgressGateway": "egressgateways",
+}
 
 
 def load_crd(kind: str) -> dict[str, Any]:
@@ -97,10 +101,11 @@ def test_crd_identity(kind: str) -> None:
     spec = crd["spec"]
     assert crd["metadata"]["name"] == f"{KINDS[kind]}.tidegate.io"
     assert spec["group"] == "tidegate.io"
-    assert spec["scope"] == "Namespaced"
+    assert spec["scope"] == ("Cluster" if kind == "ClusterEgressPolicy" else "Namespaced")
     assert spec["names"]["kind"] == kind
     assert spec["names"]["plural"] == KINDS[kind]
-    assert spec["names"]["shortNames"] == [{"EgressPolicy": "egp", "EgressGateway": "egw"}[kind]]
+    short = {"EgressPolicy": "egp", "ClusterEgressPolicy": "cegp", "EgressGateway": "egw"}
+    assert spec["names"]["shortNames"] == [short[kind]]
     assert spec["names"]["categories"] == ["tidegate"]
     (version,) = spec["versions"]
     assert version["name"] == "v1alpha1"
@@ -112,6 +117,7 @@ def test_crd_identity(kind: str) -> None:
     ("kind", "columns"),
     [
         ("EgressPolicy", ["Mode", "Gateway", "Rules", "Ready", "Would-Deny", "Age"]),
+        ("ClusterEgressPolicy", ["Mode", "Gateway", "Rules", "Ready", "Would-Deny", "Age"]),
         ("EgressGateway", ["Mode", "Replicas", "Addresses", "Policies", "Ready", "Age"]),
     ],
 )

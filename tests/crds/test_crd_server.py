@@ -145,7 +145,34 @@ def test_policy_mode_default(kube: Any) -> None:
     assert json.loads(proc.stdout)["spec"]["mode"] == "Enforce"
 
 
+def cluster_policy(spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "tidegate.io/v1alpha1",
+        "kind": "ClusterEgressPolicy",
+        "metadata": {"name": "bad-cluster"},
+        "spec": spec,
+    }
+
+
 CEL_REJECTS = [
+    pytest.param(
+        policy({"sources": {"cidrs": ["0.0.0.0/0"]}, "allow": [{"host": "a.com"}]}),
+        ["ClusterEgressPolicy"],
+        id="namespaced-sources",
+    ),
+    pytest.param(
+        policy({"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}),
+        ["In and NotIn need values"],
+        id="selector-values",
+    ),
+    pytest.param(
+        cluster_policy({"allow": [{"host": "a.com"}]}), ["selects no clients"], id="cluster-nobody"
+    ),
+    pytest.param(
+        cluster_policy({"namespaceSelector": {}, "gatewayRef": {"name": "x"}}),
+        ["namespace"],
+        id="cluster-ref-namespace",
+    ),
     pytest.param(
         policy({"allow": [{"host": "*"}]}),
         ['"*" alone is not allowed', "should match"],

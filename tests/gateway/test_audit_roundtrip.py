@@ -23,14 +23,17 @@ from fixtures_net import (
     GatewayFactory,
     GatewayProcess,
     Net,
+    cluster_policy_doc,
     connect,
     gateway_doc,
     policy_doc,
     read_reply,
+    write_local_identities,
 )
 
 from tidegate.gateway.engine import Engine
 from tidegate.gateway.hosts import normalize_host
+from tidegate.gateway.identity import build_table, parse_identities
 from tidegate.gateway.sources import bundle_from_documents, read_policy_dir
 
 API_NAMES = ["a.api.example.test", "b.api.example.test", "c.api.example.test"]
@@ -48,7 +51,7 @@ def _policies(net: Net) -> list[dict[str, Any]]:
             allow=[{"host": "a.api.example.test", "ports": [net.http_port]}],
             deny=[{"host": CAUGHT}],
         ),
-        policy_doc(
+        cluster_policy_doc(  # the second client is no pod: chosen by its address
             "block",
             sources={"cidrs": ["127.0.0.2/32"]},
             deny=[{"host": DENIED}],
@@ -92,7 +95,30 @@ def _engine(folder: Path) -> Engine:
 
 
 def _decide(engine: Engine, client: str, host: str, port: int) -> str:
-    return engine.decide(ipaddress.ip_address(client), normalize_host(host), port).verdict
+    """As the gateway would: 127.0.0.1 is the pod t/local (write_local_identities)."""
+    address = ipaddress.ip_address(client)
+    identity = LOCAL.lookup(address)
+    return engine.decide(address, normalize_host(host), port, identity).verdict
+
+
+LOCAL = build_table(
+    [
+        parse_identities(
+            {
+                "apiVersion": "tidegate.io/v1alpha1",
+                "kind": "ClientIdentities",
+                "pods": [
+                    {
+                        "namespace": "t",
+                        "name": "local",
+                        "labels": {"app": "test"},
+                        "addresses": ["127.0.0.1", "::1"],
+                    }
+                ],
+            }
+        )
+    ]
+)
 
 
 def test_audit_log_to_suggestion_round_trip(
@@ -111,7 +137,7 @@ def test_audit_log_to_suggestion_round_trip(
     status, body = gw.admin("/audit")
     assert status == 200
     record = json.loads(body)
-    svc, block = record["policies"]["t/svc"], record["policies"]["t/block"]
+    svc, block = record["policies"]["t/svc"], record["policies"]["block"]
     assert (svc["wouldDeny"], svc["denied"]) == (len(API_NAMES) - 1 + len(CODE_NAMES) + 4, 0)
     listed = {(d["host"], d["port"]): d for d in svc["destinations"]}
     assert listed[(CAUGHT, net.http_port)]["reason"] == "deny_rule"
@@ -120,7 +146,7 @@ def test_audit_log_to_suggestion_round_trip(
     assert (block["denied"], block["destinations"][0]["host"]) == (1, DENIED)
     metrics = gw.metrics()
     assert metrics.get_value("tidegate_policy_would_deny_total", policy="t/svc") == 9
-    assert metrics.get_value("tidegate_policy_denied_total", policy="t/block") == 1
+    assert metrics.get_value("tidegate_policy_denied_total", policy="block") == 1
     assert gw.stop() == 0
 
     # The access log, as written by the gateway, feeds suggest.
@@ -142,6 +168,7 @@ def test_audit_log_to_suggestion_round_trip(
     # and nothing a deny rule refused.
     folder = tmp_path / "suggested"
     folder.mkdir()
+    write_local_identities(folder)
     (folder / "gateway.yaml").write_text(yaml.safe_dump(gateway_doc(net)))
     (folder / "suggested.yaml").write_text(result.stdout)
     port = net.http_port
@@ -168,6 +195,7 @@ def test_against_and_check_on_the_gateway_log(
     assert gw.stop() == 0
     folder = tmp_path / "current"
     folder.mkdir()
+    write_local_identities(folder)
     (folder / "all.yaml").write_text(yaml.safe_dump_all([gateway_doc(net), *_policies(net)]))
     args = [TIDEGATE, "suggest", str(gw.log_path), "--against", str(folder), "--check"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)

@@ -35,7 +35,8 @@ HEADER = "apiVersion: tidegate.io/v1alpha1\nkind: EgressPolicy\nmetadata: {name:
         ("spec: {deny: [{cidr: 10.0.0.1/8}]}", ["spec.deny[0].cidr", "invalid CIDR"]),
         ("spec: {allow: [{hots: a.com}]}", ["spec.allow[0]", "unknown field(s) hots"]),
         ("spec: {mode: Enforcing}", ["spec.mode", "'Enforcing' is not one of Enforce, Audit"]),
-        ("spec: {sources: {cidrs: []}}", ["spec.sources.cidrs", "at least one CIDR"]),
+        ("spec: {sources: {cidrs: []}}", ["spec.sources", "ClusterEgressPolicy"]),
+        ("spec: {podSelector: {matchLabels: [a]}}", ["spec.podSelector.matchLabels", "mapping"]),
         ("spec: {allow: {host: a.com}}", ["spec.allow", "must be a list"]),
         ("spec: {alow: []}", ["spec", "unknown field(s) alow"]),
         ("spec: {allow: [{host: 'a.*.*.com'}]}", ["spec.allow[0].host", "one '*'"]),
@@ -85,7 +86,7 @@ def test_document_errors(text: str, fragment: str) -> None:
 def test_examples_parse_and_compile() -> None:
     docs = read_policy_dir(EXAMPLES)
     assert docs.gateway is not None
-    assert {p.key for p in docs.policies} >= {"ci/ci-runners", "tidegate-system/package-registries"}
+    assert {p.key for p in docs.policies} >= {"ci/ci-runners", "package-registries"}
     bundle = bundle_from_documents(docs, generation=7)
     assert bundle.generation == 7 and len(bundle.sha256) == 64
 

@@ -12,6 +12,32 @@ import yaml
 from tidegate.gateway.documents import parse_gateway, parse_policy
 from tidegate.gateway.engine import Engine
 from tidegate.gateway.hosts import normalize_host
+from tidegate.gateway.identity import ClientIdentity, build_table, parse_identities
+
+# Who the clients are: 10.1.1.1 is a CI runner pod; everything else is not a pod.
+TABLE = build_table(
+    [
+        parse_identities(
+            {
+                "apiVersion": "tidegate.io/v1alpha1",
+                "kind": "ClientIdentities",
+                "pods": [
+                    {
+                        "namespace": "ci",
+                        "name": "runner-1",
+                        "labels": {"app": "runner"},
+                        "addresses": ["10.1.1.1"],
+                    }
+                ],
+            }
+        )
+    ]
+)
+
+
+def who(client: str) -> ClientIdentity | None:
+    return TABLE.lookup(ipaddress.ip_address(client))
+
 
 GATEWAY: dict[str, Any] = {
     "metadata": {"name": "default", "namespace": "tidegate-system"},
@@ -31,20 +57,23 @@ POLICIES = """
     deny:
       - host: gist.github.com
       - host: "*.evil.githubusercontent.com"
-- metadata: {name: peered, namespace: data}
+- kind: ClusterEgressPolicy
+  metadata: {name: peered}
   spec:
     sources: {cidrs: [10.20.0.0/16]}
     allow:
       - host: "*.amazonaws.com"
       - host: internal.example
         ports: [8443]
-- metadata: {name: watch-data, namespace: data}
+- kind: ClusterEgressPolicy
+  metadata: {name: watch-data}
   spec:
     mode: Audit
     sources: {cidrs: [10.20.0.0/16]}
     deny:
       - host: s3.amazonaws.com
-- metadata: {name: lab, namespace: lab}
+- kind: ClusterEgressPolicy
+  metadata: {name: lab}
   spec:
     mode: Audit
     sources: {cidrs: [192.168.0.0/16]}
@@ -127,16 +156,18 @@ CASES = [
         443,
         "allow",
         "allow_rule",
-        "data/peered",
+        "peered",
         "allow[0]",
     ),
     ("10.1.1.1", "s3.eu-west-1.amazonaws.com", 443, "deny", "no_rule_matched", None, None),
-    ("10.20.0.5", "internal.example", 8443, "allow", "allow_rule", "data/peered", "allow[1]"),
-    ("10.20.0.5", "internal.example", 443, "deny", "port_not_allowed", "data/peered", "allow[1]"),
+    ("10.20.0.5", "internal.example", 8443, "allow", "allow_rule", "peered", "allow[1]"),
+    ("10.20.0.5", "internal.example", 443, "deny", "port_not_allowed", "peered", "allow[1]"),
     # an Audit policy's deny becomes audit even when an Enforce allow matches
-    ("10.20.0.5", "s3.amazonaws.com", 443, "audit", "deny_rule", "data/watch-data", "deny[0]"),
-    # default deny where every governing policy... is not all Audit (ci-runners governs all)
-    ("192.168.1.1", "unknown.example", 443, "deny", "no_rule_matched", None, None),
+    ("10.20.0.5", "s3.amazonaws.com", 443, "audit", "deny_rule", "watch-data", "deny[0]"),
+    # default deny where every governing policy is in Audit (only lab governs 192.168/16)
+    ("192.168.1.1", "unknown.example", 443, "audit", "no_rule_matched", None, None),
+    # the CI pod's policy governs the CI pod, not an address that is no pod
+    ("10.1.1.2", "github.com", 443, "deny", "no_rule_matched", None, None),
     # client gate
     ("8.8.8.8", "github.com", 443, "deny", "client_not_allowed", None, None),
     ("::ffff:10.1.1.1", "github.com", 443, "allow", "allow_rule", "ci/ci-runners", "allow[0]"),
@@ -153,7 +184,7 @@ def test_decide(
     policy: str | None,
     rule: str | None,
 ) -> None:
-    decision = ENGINE.decide(ipaddress.ip_address(client), normalize_host(host), port)
+    decision = ENGINE.decide(ipaddress.ip_address(client), normalize_host(host), port, who(client))
     assert (decision.verdict, decision.reason, decision.policy, decision.rule) == (
         verdict,
         reason,
@@ -164,12 +195,14 @@ def test_decide(
 
 
 AUDIT_ONLY = """
-- metadata: {name: discover, namespace: data}
+- kind: ClusterEgressPolicy
+  metadata: {name: discover}
   spec:
     mode: Audit
     sources: {cidrs: [10.20.0.0/16]}
     allow: [{host: known.example}]
-- metadata: {name: strict, namespace: web}
+- kind: ClusterEgressPolicy
+  metadata: {name: strict}
   spec:
     sources: {cidrs: [10.30.0.0/16]}
     allow: [{host: known.example}]
@@ -189,47 +222,63 @@ def test_default_deny_becomes_audit_only_when_every_governing_policy_audits(
     client: str, host: str, verdict: str, reason: str
 ) -> None:
     engine = make_engine(policies=AUDIT_ONLY)
-    decision = engine.decide(ipaddress.ip_address(client), normalize_host(host), 443)
+    decision = engine.decide(ipaddress.ip_address(client), normalize_host(host), 443, who(client))
     assert (decision.verdict, decision.reason) == (verdict, reason)
 
 
 def test_gateway_audit_mode_turns_every_deny_into_audit_but_not_the_client_gate() -> None:
     engine = make_engine({"mode": "Audit"})
     c = ipaddress.ip_address("10.1.1.1")
-    assert engine.decide(c, normalize_host("gist.github.com"), 443).verdict == "audit"
-    assert engine.decide(c, normalize_host("nothing.example"), 443).verdict == "audit"
-    assert engine.decide(c, normalize_host("github.com"), 80).verdict == "audit"
+    assert (
+        engine.decide(c, normalize_host("gist.github.com"), 443, TABLE.lookup(c)).verdict == "audit"
+    )
+    assert (
+        engine.decide(c, normalize_host("nothing.example"), 443, TABLE.lookup(c)).verdict == "audit"
+    )
+    assert engine.decide(c, normalize_host("github.com"), 80, TABLE.lookup(c)).verdict == "audit"
     outsider = ipaddress.ip_address("8.8.8.8")
-    assert engine.decide(outsider, normalize_host("github.com"), 443).verdict == "deny"
+    assert (
+        engine.decide(outsider, normalize_host("github.com"), 443, TABLE.lookup(outsider)).verdict
+        == "deny"
+    )
 
 
 def test_default_action_allow() -> None:
     engine = make_engine({"defaultAction": "Allow"})
     c = ipaddress.ip_address("10.1.1.1")
-    assert engine.decide(c, normalize_host("anything.example"), 443).reason == "default_allow"
-    assert engine.decide(c, normalize_host("gist.github.com"), 443).verdict == "deny"
+    assert (
+        engine.decide(c, normalize_host("anything.example"), 443, TABLE.lookup(c)).reason
+        == "default_allow"
+    )
+    assert (
+        engine.decide(c, normalize_host("gist.github.com"), 443, TABLE.lookup(c)).verdict == "deny"
+    )
 
 
 def test_default_ports_come_from_the_gateway() -> None:
     engine = make_engine({"defaultPorts": [443]})
     c = ipaddress.ip_address("10.1.1.1")
     host = normalize_host("raw.githubusercontent.com")
-    assert engine.decide(c, host, 443).verdict == "allow"
-    assert engine.decide(c, host, 80).reason == "port_not_allowed"
+    assert engine.decide(c, host, 443, TABLE.lookup(c)).verdict == "allow"
+    assert engine.decide(c, host, 80, TABLE.lookup(c)).reason == "port_not_allowed"
 
 
 def test_deny_rule_ports_narrow_the_deny() -> None:
     engine = make_engine(
         policies="""
-- metadata: {name: p, namespace: n}
+- metadata: {name: p, namespace: ci}
   spec:
     allow: [{host: "*.example.com", ports: [22, 443]}]
     deny: [{host: git.example.com, ports: [22]}]
 """
     )
     c = ipaddress.ip_address("10.1.1.1")
-    assert engine.decide(c, normalize_host("git.example.com"), 22).verdict == "deny"
-    assert engine.decide(c, normalize_host("git.example.com"), 443).verdict == "allow"
+    assert (
+        engine.decide(c, normalize_host("git.example.com"), 22, TABLE.lookup(c)).verdict == "deny"
+    )
+    assert (
+        engine.decide(c, normalize_host("git.example.com"), 443, TABLE.lookup(c)).verdict == "allow"
+    )
 
 
 @pytest.mark.parametrize(
@@ -249,14 +298,15 @@ def test_destination_blocked(address: str, client: str, blocked: str | None) -> 
     engine = make_engine(
         {"privateDestinationExceptions": ["10.250.0.0/16"]},
         policies="""
-- metadata: {name: internal, namespace: data}
+- kind: ClusterEgressPolicy
+  metadata: {name: internal}
   spec:
     sources: {cidrs: [10.20.0.0/16]}
     allow: [{cidr: 172.20.0.0/16}]
 """,
     )
     got = engine.destination_blocked(
-        ipaddress.ip_address(address), ipaddress.ip_address(client), port=443
+        ipaddress.ip_address(address), ipaddress.ip_address(client), who(client), port=443
     )
     assert got == blocked
 
@@ -276,7 +326,7 @@ def test_lookup_cost_does_not_grow_with_rules() -> None:
     policies = tuple(
         parse_policy(
             {
-                "metadata": {"name": f"big{k}", "namespace": "n"},
+                "metadata": {"name": f"big{k}", "namespace": "ci"},
                 "spec": {"allow": [{"host": h} for h in hosts[k * 5000 : (k + 1) * 5000]]},
             }
         )
@@ -295,12 +345,12 @@ def test_lookup_cost_does_not_grow_with_rules() -> None:
         )
     ]
     expected = ["allow", "allow", "allow", "deny"]
-    assert [engine.decide(c, h, 443).verdict for h in probes] == expected
+    assert [engine.decide(c, h, 443, TABLE.lookup(c)).verdict for h in probes] == expected
     n = 2000
     started = time.perf_counter()
     for _ in range(n):
         for h in probes:
-            engine.decide(c, h, 443)
+            engine.decide(c, h, 443, TABLE.lookup(c))
     per_decision = (time.perf_counter() - started) / (n * len(probes))
     assert per_decision < 200e-6, f"{per_decision * 1e6:.1f} us per decision"
 
@@ -357,10 +407,13 @@ def test_a_cidr_allow_exempts_only_its_own_ports(
     resolves into a range opened for a database port does not reach the range's web port."""
     engine = make_engine(
         policies="""
-- metadata: {name: internal, namespace: data}
+- metadata: {name: internal, namespace: ci}
   spec:
     allow: [{cidr: 10.30.0.0/16, ports: [5432]}, {cidr: 172.20.0.0/16}]
 """
     )
-    client = ipaddress.ip_address("10.1.1.1")
-    assert engine.destination_blocked(ipaddress.ip_address(address), client, port=port) == blocked
+    client = ipaddress.ip_address("10.1.1.1")  # the CI runner pod
+    got = engine.destination_blocked(
+        ipaddress.ip_address(address), client, who("10.1.1.1"), port=port
+    )
+    assert got == blocked

@@ -322,7 +322,13 @@ def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[st
 @pytest.mark.parametrize(
     ("client", "target", "code", "first_line", "reason"),
     [
-        ("127.0.0.1", "allowed.test:443", 0, "ALLOW allowed.test:443 from 127.0.0.1", "allow_rule"),
+        (
+            "127.0.0.1",
+            "allowed.test:443",
+            0,
+            "ALLOW allowed.test:443 from pod t/local {app=test} at 127.0.0.1",
+            "allow_rule",
+        ),
         ("127.0.0.1", "ALLOWED.test.:443", 0, "ALLOW allowed.test:443", "allow_rule"),
         ("127.0.0.1", "other.test:443", 1, "DENY other.test:443", "no_rule_matched"),
         ("127.0.0.1", "denied.test:443", 1, "DENY denied.test:443", "deny_rule"),
@@ -362,12 +368,41 @@ def test_check_command_json(net: Net, tmp_path: Path) -> None:
         "rule": "deny[0]",
         "host": "denied.test",
         "port": 443,
+        "client": "127.0.0.1",
+        "identity": "pod",
+        "client_namespace": "t",
+        "client_pod": "local",
+        "governing_policies": ["t/main", "t/watch", "t/watch-allow"],
     }
+
+
+@pytest.mark.parametrize(
+    ("who", "code", "first_line"),
+    [
+        (["--pod", "t/local"], 1, "DENY denied.test:443 from pod t/local {app=test} at 127.0.0.1"),
+        (["--namespace", "t", "--labels", "app=x"], 1, "DENY denied.test:443 from pod t/* {app=x}"),
+        (["--namespace", "other"], 1, "DENY denied.test:443 from pod other/*"),
+        (["--client", "127.0.0.2"], 1, "DENY denied.test:443 from 127.0.0.2"),
+    ],
+)
+def test_check_command_identifies_the_client(
+    net: Net, tmp_path: Path, who: list[str], code: int, first_line: str
+) -> None:
+    write_policy_dir(tmp_path, net, standard_policies(net))
+    result = _run("check", "--policies", str(tmp_path), *who, "denied.test:443")
+    assert result.returncode == code, result.stderr
+    assert result.stdout.splitlines()[0] == first_line
+    reason = "deny_rule" if who[1].startswith("t") else "no_rule_matched"
+    assert f"reason: {reason}" in result.stdout
 
 
 def test_check_command_errors(net: Net, tmp_path: Path) -> None:
     write_policy_dir(tmp_path, net, standard_policies(net))
     assert _run("check", "--policies", str(tmp_path), "--client", "x", "a.test:1").returncode == 2
+    missing = _run("check", "--policies", str(tmp_path), "--pod", "t/nobody", "a.test:1")
+    assert missing.returncode == 2 and "not in the identities" in missing.stderr
+    nobody = _run("check", "--policies", str(tmp_path), "a.test:1")
+    assert nobody.returncode == 2 and "--client" in nobody.stderr
     bad_target = _run("check", "--policies", str(tmp_path), "--client", "127.0.0.1", "a.test")
     assert bad_target.returncode == 2
     assert bad_target.stderr.startswith("error: ")
@@ -397,8 +432,9 @@ def test_suggest_turns_an_audit_run_into_a_working_policy(
         result.stdout
     )
     (suggested,) = [d for d in yaml.safe_load_all(result.stdout) if d]
+    # the log names the client pod's namespace (t): one EgressPolicy for that namespace
     assert suggested["kind"] == "EgressPolicy"
-    assert suggested["spec"]["sources"] == {"cidrs": ["127.0.0.0/24"]}
+    assert suggested["metadata"]["namespace"] == "t" and "sources" not in suggested["spec"]
     rules = {r["host"]: r.get("ports") for r in suggested["spec"]["allow"]}
     assert rules == {
         "suggest-a.test": [net.tls_port],

@@ -16,8 +16,8 @@ from fixtures_net import (
     GatewayFactory,
     GatewayProcess,
     Net,
+    cluster_policy_doc,
     connect,
-    policy_doc,
     recv_until_eof,
     tls_get,
 )
@@ -342,8 +342,10 @@ def test_sni_check_is_off_when_the_gateway_says_so(
 def test_sources_scope_a_policy_to_some_clients(gateway_factory: GatewayFactory, net: Net) -> None:
     gw = gateway_factory(
         [
-            policy_doc("far", sources={"cidrs": ["10.0.0.0/8"]}, allow=[{"host": "other.test"}]),
-            policy_doc(
+            cluster_policy_doc(
+                "far", sources={"cidrs": ["10.0.0.0/8"]}, allow=[{"host": "other.test"}]
+            ),
+            cluster_policy_doc(
                 "near", sources={"cidrs": ["127.0.0.0/8"]}, allow=[{"host": "allowed.test"}]
             ),
         ]

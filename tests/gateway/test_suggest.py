@@ -25,6 +25,7 @@ import yaml
 from tidegate.gateway.documents import parse_documents, parse_gateway
 from tidegate.gateway.engine import Engine
 from tidegate.gateway.hosts import normalize_host
+from tidegate.gateway.identity import pod_identity
 from tidegate.gateway.logshape import iso_time
 from tidegate.gateway.suffixes import default_suffixes
 from tidegate.gateway.suggest import (
@@ -65,8 +66,10 @@ def engine_of(text: str) -> Engine:
     return Engine(parse_gateway(GATEWAY), docs.policies)
 
 
-def decide(engine: Engine, client: str, host: str, port: int) -> str:
-    return engine.decide(ipaddress.ip_address(client), normalize_host(host), port).verdict
+def decide(engine: Engine, client: str, host: str, port: int, namespace: str = "default") -> str:
+    """As a pod of ``namespace`` at ``client`` (suggested EgressPolicies govern pods)."""
+    identity = pod_identity(namespace, "pod", {}, {})
+    return engine.decide(ipaddress.ip_address(client), normalize_host(host), port, identity).verdict
 
 
 def allow_hosts(text: str) -> set[str]:
@@ -189,6 +192,7 @@ def test_one_policy_per_client_range_or_namespace() -> None:
         line("c.example.org", client="[fd00::5]:1"),
     ]
     docs = [d for d in yaml.safe_load_all(suggest_policy(logs, group_by="range")) if d]
+    assert {d["kind"] for d in docs} == {"ClusterEgressPolicy"}  # only those select by address
     sources = {d["spec"]["sources"]["cidrs"][0]: allow_hosts(yaml.safe_dump(d)) for d in docs}
     assert sources == {
         "10.1.2.0/24": {"a.example.org"},
@@ -240,12 +244,13 @@ def test_against_reports_what_enforcing_would_break(tmp_path: Path) -> None:
     from tidegate.gateway.sources import bundle_from_documents, read_policy_dir
 
     bundle = bundle_from_documents(read_policy_dir(tmp_path), generation=1)
+    ci = {"client_namespace": "ci", "client_pod": "runner"}  # the pod the gateway logged
     logs = [
-        line("a.example.com", decision="allow", reason="allow_rule"),
-        line("new.example.org", decision="audit", reason="no_rule_matched"),
-        line("a.example.com", port=8080, decision="audit", reason="port_not_allowed"),
-        line("secret.example.org", decision="audit", reason="deny_rule", policy="ci/ci"),
-        line("old.example.org", decision="deny", reason="no_rule_matched"),
+        line("a.example.com", decision="allow", reason="allow_rule", **ci),
+        line("new.example.org", decision="audit", reason="no_rule_matched", **ci),
+        line("a.example.com", port=8080, decision="audit", reason="port_not_allowed", **ci),
+        line("secret.example.org", decision="audit", reason="deny_rule", policy="ci/ci", **ci),
+        line("old.example.org", decision="deny", reason="no_rule_matched", **ci),
     ]
     text, breakage = render(observe(logs), name="s", namespace="ci", threshold=3, against=bundle)
     broken = {(b.host, b.port, b.reason) for b in breakage}
@@ -256,7 +261,7 @@ def test_against_reports_what_enforcing_would_break(tmp_path: Path) -> None:
     }
     # The YAML allows the difference, never the deny rule's catch.
     assert allow_hosts(text) == {"new.example.org", "a.example.com"}
-    assert "secret.example.org:443 for clients 10.1.2.0/24" in text
+    assert "secret.example.org:443 for namespace ci" in text
 
 
 def test_against_keeps_wildcards_off_current_deny_rules(tmp_path: Path) -> None:
@@ -301,8 +306,9 @@ def test_check_exit_status_follows_recent_breakage(tmp_path: Path) -> None:
     policies.mkdir()
     (policies / "gw.yaml").write_text(yaml.safe_dump(GATEWAY))
     (policies / "ci.yaml").write_text(CURRENT)
-    old = line("new.example.org", decision="audit", reason="no_rule_matched", ts=NOW - 7200)
-    fine = line("a.example.com")
+    ci = {"client_namespace": "ci", "client_pod": "runner"}
+    old = line("new.example.org", decision="audit", reason="no_rule_matched", ts=NOW - 7200, **ci)
+    fine = line("a.example.com", **ci)
     logs = tmp_path / "access.log"
     logs.write_text(f"{old}\n{fine}\n")
     against = ["--against", str(policies), "--check"]

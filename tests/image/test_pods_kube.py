@@ -37,6 +37,9 @@ pytestmark = [pytest.mark.kube, pytest.mark.image, pytest.mark.timeout(600)]
 ROOT = Path(__file__).resolve().parents[2]
 NS = "tidegate-system"
 APP_NS = "team-a"
+# The client: a pod of team-a (an object whose status the test writes), at its own loopback
+# address so the gateway identifies it - EgressPolicies govern their namespace's pods.
+CLIENT_IP = "127.0.0.5"
 PROXY_PORT = 3128
 METRICS_PORT = 9090
 HOST_PORTS_LOCK = Path("/tmp/tidegate-gateway-host-ports.lock")
@@ -96,6 +99,8 @@ def curl(net: Net, url: str) -> tuple[int, int]:
             "10",
             "--noproxy",
             "",
+            "--interface",
+            CLIENT_IP,
             "--proxy",
             f"http://{POD_IP}:{PROXY_PORT}",
             "--cacert",
@@ -109,6 +114,36 @@ def curl(net: Net, url: str) -> tuple[int, int]:
     )
     connect, _, code = proc.stdout.strip().partition(" ")
     return (int(connect or 0), int(code or 0))
+
+
+def client_pod(cp: ControlPlane) -> None:
+    """The curl client as team-a's pod ``client`` at CLIENT_IP (idempotent)."""
+    cp.ensure_namespace(APP_NS)
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "client", "namespace": APP_NS, "labels": {"app": "client"}},
+        "spec": {
+            "automountServiceAccountToken": False,
+            "containers": [{"name": "curl", "image": "curl:test"}],
+        },
+    }
+    deadline = time.monotonic() + 30
+    while cp.kubectl("apply", "-f", "-", input=json.dumps(pod), check=False).returncode != 0:
+        assert time.monotonic() < deadline, "the client pod could not be created"
+        time.sleep(0.2)
+    status = {"status": {"phase": "Running", "podIP": CLIENT_IP, "podIPs": [{"ip": CLIENT_IP}]}}
+    cp.kubectl(
+        "patch",
+        "pod",
+        "client",
+        "-n",
+        APP_NS,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(status),
+    )
 
 
 def policy(hosts: list[str], net: Net) -> dict[str, Any]:
@@ -327,6 +362,7 @@ def client_policy(cp: ControlPlane, hosts: list[str], net: Net) -> dict[str, Any
 
 
 def _policy_ready(installed: Installed, hosts: list[str]) -> None:
+    client_pod(installed.cp)
     installed.cp.ensure_namespace(APP_NS)
     installed.cp.apply([client_policy(installed.cp, hosts, installed.net)])
 

@@ -89,7 +89,11 @@ def gateway_namespace_args(*namespaces: str) -> list[str]:
 def install_crds(cp: ControlPlane) -> None:
     """Apply the CRDs exactly as committed in crds/ and wait until they are served."""
     cp.apply(sorted((REPO / "crds").glob("*.yaml")))
-    for crd in ("egresspolicies.tidegate.io", "egressgateways.tidegate.io"):
+    for crd in (
+        "egresspolicies.tidegate.io",
+        "clusteregresspolicies.tidegate.io",
+        "egressgateways.tidegate.io",
+    ):
         # Polled, not `kubectl wait`: right after the apply a CRD may have no conditions
         # yet, and kubectl wait then fails at once ("conditions accessor error").
         wait_for(f"CRD {crd} Established", lambda crd=crd: _established(cp, crd), timeout=60)
@@ -209,3 +213,58 @@ def events_for(cp: ControlPlane, namespace: str, name: str) -> list[dict[str, An
         f"--field-selector=involvedObject.name={name}",
     ).stdout
     return list(json.loads(out)["items"])
+
+
+# --- pods without a kubelet: objects whose status the test writes ----------------------
+
+
+def make_pod(
+    cp: ControlPlane,
+    namespace: str,
+    name: str,
+    labels: dict[str, str],
+    ip: str | None = None,
+    *,
+    host_network: bool = False,
+) -> None:
+    cp.ensure_namespace(namespace)
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "automountServiceAccountToken": False,
+            "hostNetwork": host_network,
+            "containers": [{"name": "app", "image": "app:test"}],
+        },
+    }
+    deadline = time.monotonic() + 30
+    while True:  # the namespace's default ServiceAccount appears a moment after it
+        done = cp.kubectl("apply", "-f", "-", input=yaml.safe_dump(pod), check=False)
+        if done.returncode == 0:
+            break
+        assert time.monotonic() < deadline, done.stderr
+        time.sleep(0.2)
+    if ip is not None:
+        set_pod_ip(cp, namespace, name, ip)
+
+
+def set_pod_ip(cp: ControlPlane, namespace: str, name: str, ip: str) -> None:
+    status = {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
+    cp.kubectl(
+        "patch",
+        "pod",
+        name,
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(status),
+    )
+
+
+def delete_pod(cp: ControlPlane, namespace: str, name: str) -> None:
+    cp.kubectl(
+        "delete", "pod", name, "-n", namespace, "--grace-period=0", "--force", "--wait=false"
+    )

@@ -29,6 +29,7 @@ from kubehelpers import (
     gateway_namespace_args,
     get,
     install_crds,
+    make_pod,
     operator_kubeconfig,
     wait_for,
 )
@@ -146,8 +147,15 @@ def stand_in_pod(cp: ControlPlane, metrics_port: int) -> None:
     )
 
 
+# The test client: a pod of this namespace (an object with its status written here) at its
+# own loopback address, so the gateway identifies it and the namespace's policies govern it.
+CLIENT_IP = "127.0.0.7"
+
+
 def connect_status(port: int, target: str) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=5, source_address=(CLIENT_IP, 0)
+    ) as sock:
         sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
         head = sock.recv(4096)
         return int(head.split(b" ", 2)[1]) if head else 0
@@ -164,10 +172,12 @@ def test_would_deny_reaches_the_policy_status_and_quiet_policies_get_ready_to_en
         cp,
         policy("svc", mode="Audit", allow=[{"host": "known.audit.test", "ports": [net.echo.port]}]),
     )
-    # Governs another client only: nothing it would deny is seen.
-    apply(cp, policy("quiet", mode="Audit", sources={"cidrs": ["127.0.0.9/32"]}, allow=[]))
-    apply(cp, policy("strict", allow=[], sources={"cidrs": ["127.0.0.8/32"]}))
+    # Governs other pods only: nothing it would deny is seen.
+    others = {"matchLabels": {"app": "another-client"}}
+    apply(cp, policy("quiet", mode="Audit", podSelector=others, allow=[]))
+    apply(cp, policy("strict", allow=[], podSelector=others))
     wait_for("the bundle ConfigMap", lambda: get(cp, "configmap", f"{GW}-bundle", NS), op=operator)
+    make_pod(cp, NS, "client", {"app": "client"}, CLIENT_IP)
 
     kubeconfig = cp.token_for(f"{GW}-gateway", NS)
     port, metrics_port = free_port(), free_port()
@@ -177,6 +187,8 @@ def test_would_deny_reaches_the_policy_status_and_quiet_policies_get_ready_to_en
         "gateway",
         "--configmap",
         f"{NS}/{GW}-bundle",
+        "--identities-configmap",
+        f"{NS}/{GW}-identities",
         "--kubeconfig",
         str(kubeconfig),
         "--listen",

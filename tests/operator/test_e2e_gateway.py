@@ -31,6 +31,7 @@ from kubehelpers import (
     gateway_namespace_args,
     get,
     install_crds,
+    make_pod,
     operator_kubeconfig,
     ready,
     wait_for,
@@ -137,6 +138,9 @@ def test_apply_to_enforced_through_the_configmap_watch(
     wait_for("the bundle ConfigMap", lambda: get(cp, "configmap", f"{GW}-bundle", NS), op=operator)
     # The gateway's own identity, as rendered by the operator (nothing more).
     kubeconfig = cp.token_for(f"{GW}-gateway", NS)
+    # The client is a pod of the policies' namespace: an object whose status.podIP is the
+    # loopback address the test connects from (there is no kubelet to set it).
+    make_pod(cp, NS, "client", {"app": "client"}, "127.0.0.1")
     denied = cp.kubectl("--kubeconfig", str(kubeconfig), "get", "secrets", "-n", NS, check=False)
     assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
 
@@ -147,6 +151,8 @@ def test_apply_to_enforced_through_the_configmap_watch(
             "gateway",
             "--configmap",
             f"{NS}/{GW}-bundle",
+            "--identities-configmap",
+            f"{NS}/{GW}-identities",
             "--kubeconfig",
             str(kubeconfig),
             "--listen",

@@ -83,15 +83,15 @@ def test_examples_render_everything(cluster: ControlPlane, operator: OperatorPro
     gw = wait_for("the default gateway's bundle", lambda: _gateway_published(cluster), op=operator)
 
     # every example policy lands in the bundle and says so
-    for ns, name in (
-        ("ci", "ci-runners"),
-        ("data", "peered-vpc-discovery"),
-        (NS, "package-registries"),
+    for kind, ns, name in (
+        ("egp", "ci", "ci-runners"),
+        ("cegp", None, "peered-vpc-discovery"),
+        ("cegp", None, "package-registries"),
     ):
         policy = wait_for(
-            f"{ns}/{name} Ready",
-            lambda ns=ns, name=name: (
-                p if ready(p := get(cluster, "egp", name, ns)).get("status") == "True" else None
+            f"{kind} {ns}/{name} Ready",
+            lambda kind=kind, ns=ns, name=name: (
+                p if ready(p := get(cluster, kind, name, ns)).get("status") == "True" else None
             ),
             op=operator,
         )
@@ -107,8 +107,8 @@ def test_examples_render_everything(cluster: ControlPlane, operator: OperatorPro
     cm, bundle = _bundle(cluster)
     assert sorted(p.key for p in bundle.policies) == [
         "ci/ci-runners",
-        "data/peered-vpc-discovery",
-        "tidegate-system/package-registries",
+        "package-registries",
+        "peered-vpc-discovery",
     ]
     annotations = cm["metadata"]["annotations"]
     assert annotations["tidegate.io/bundle-sha256"] == bundle.sha256
@@ -202,7 +202,14 @@ def test_examples_render_everything(cluster: ControlPlane, operator: OperatorPro
     assert (identified["status"], identified["reason"]) == ("True", "ClientAddressPreserved")
     assert get(cluster, "pdb", "default-gateway", NS) is not None
     role = get(cluster, "role", "default-gateway", NS)
-    assert role is not None and role["rules"][0]["resourceNames"] == ["default-bundle"]
+    assert role is not None and role["rules"][0]["resourceNames"][:2] == [
+        "default-bundle",
+        "default-identities",
+    ]
+    identities = wait_for(
+        "the identities ConfigMap", lambda: get(cluster, "configmap", "default-identities", NS)
+    )
+    assert identities["metadata"]["ownerReferences"][0]["kind"] == "EgressGateway"
     assert get(cluster, "rolebinding", "default-gateway", NS) is not None
     assert get(cluster, "serviceaccount", "default-gateway", NS) is not None
     assert get(cluster, "hpa", "default-gateway", NS) is None
@@ -674,10 +681,8 @@ def test_policy_change_bumps_bundle_without_rollout(
     generation = gw["status"]["bundle"]["generation"]
     cluster.kubectl(
         "patch",
-        "egp",
+        "cegp",
         "package-registries",
-        "-n",
-        NS,
         "--type=json",
         "-p",
         json.dumps(
@@ -782,7 +787,7 @@ def test_restart_converges_without_duplicates(
     for kind, count in (
         ("deployment", 1),
         ("service", 2),  # the load balancer and the in-cluster ClusterIP Service
-        ("configmap", 2),  # the bundle and the proxy-env
+        ("configmap", 4),  # the bundle, the proxy-env, the identities index and its shard
         ("pdb", 1),
         ("role", 1),
         ("rolebinding", 1),

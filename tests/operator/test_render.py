@@ -70,6 +70,10 @@ def test_deployment_is_secure_and_bundle_independent() -> None:
         "/etc/tidegate/bundle/bundle.json",
         "--configmap",
         "tidegate-system/default-bundle",
+        "--identities",
+        "/etc/tidegate/identities",
+        "--identities-configmap",
+        "tidegate-system/default-identities",
         "--listen",
         "0.0.0.0:3128",
         "--metrics-listen",
@@ -195,7 +199,11 @@ def test_pdb_and_role() -> None:
         {
             "apiGroups": [""],
             "resources": ["configmaps"],
-            "resourceNames": ["default-bundle"],
+            "resourceNames": [
+                "default-bundle",
+                "default-identities",
+                *(f"default-identities-{i}" for i in range(32)),
+            ],
             "verbs": ["get", "list", "watch"],
         }
     ]
