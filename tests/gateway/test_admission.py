@@ -16,12 +16,15 @@ from tidegate.gateway.admission import Refusal, Tunnel, admit
 from tidegate.gateway.dns import Resolver
 from tidegate.gateway.documents import parse_gateway, parse_policy
 from tidegate.gateway.engine import Engine
+from tidegate.gateway.identity import pod_identity
 from tidegate.gateway.model import DnsSettings
 from tidegate.gateway.observe import Metrics
 from tidegate.gateway.plainhttp import CHUNKED
 from tidegate.gateway.settings import Limits
 
 CLIENT = ipaddress.ip_address("10.1.2.3")
+# The client is a pod of the policy's namespace (policies govern their namespace's pods).
+POD = pod_identity("n", "client", {"app": "client"}, {})
 
 
 def make(net: Net) -> tuple[Engine, Resolver]:
@@ -54,6 +57,7 @@ def run_admit(net: Net, raw: bytes, **kw: Any) -> tuple[Tunnel | Refusal, Access
         admit(
             raw,
             client=kw.pop("client", CLIENT),
+            identity=kw.pop("identity", POD),
             engine=engine,
             resolver=resolver,
             limits=Limits(dns_timeout=1.0),

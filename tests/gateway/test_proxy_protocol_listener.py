@@ -22,7 +22,7 @@ from fixtures_net import (
     TIDEGATE,
     GatewayProcess,
     Net,
-    policy_doc,
+    cluster_policy_doc,
     proxy_socket,
     read_reply,
     recv_exactly,
@@ -46,12 +46,13 @@ OUTSIDER = "203.0.113.9"  # not in clientCIDRs
 @pytest.fixture(scope="module")
 def gw(net: Net, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """One gateway for the module (the tests compare counters before and after)."""
-    team = policy_doc(
+    # Clients behind the balancer are no pods: chosen by address, by cluster policies.
+    team = cluster_policy_doc(
         "team-a",
         sources={"cidrs": ["198.51.100.0/24", "2001:db8:77::/48"]},
         allow=[{"host": "echo.test", "ports": [net.echo.port]}],
     )
-    curl = policy_doc(
+    curl = cluster_policy_doc(
         "curl",
         sources={"cidrs": [f"{CURL_LB}/32"]},
         allow=[{"host": "plain.test", "ports": [net.http_port]}],
@@ -132,7 +133,7 @@ def test_the_header_names_the_client(gw: GatewayProcess, net: Net, kind: str) ->
     sock.close()
     line = gw.wait_log(lambda r: r.get("via") == f"{LB}:{lb_port}")
     assert line["client"] == hostport(client, 40000)
-    assert (line["decision"], line["policy"]) == ("allow", "t/team-a")
+    assert (line["decision"], line["policy"]) == ("allow", "team-a")
 
 
 def test_a_client_outside_client_cidrs_is_refused_and_counted(gw: GatewayProcess, net: Net) -> None:
@@ -322,7 +323,7 @@ def test_curl_haproxy_protocol(gw: GatewayProcess, net: Net) -> None:
     assert ok.stdout == "200", ok
     line = gw.wait_log(lambda r: r.get("host") == "plain.test" and r.get("status") == 200)
     assert line["client"].startswith(f"{CURL_LB}:") and line["via"].startswith(f"{CURL_LB}:")
-    assert line["policy"] == "t/curl"
+    assert line["policy"] == "curl"
     # The same request without the header, from the trusted address: refused.
     bad = subprocess.run(base, capture_output=True, text=True, env=env)
     assert bad.stdout == "400", bad
