@@ -18,7 +18,7 @@ from .hosts import HostError, normalize_host, split_host_port
 from .identity import ClientIdentity, IdentityTable, build_table, pod_identity
 from .logshape import configure_logging
 from .selectors import SelectorError, parse_labels
-from .server import IDENTITIES_DIR, GatewayOptions, run_gateway
+from .server import GatewayOptions, run_gateway
 from .settings import Limits
 from .sources import bundle_from_documents, read_identity_files, read_policy_dir
 
@@ -57,7 +57,7 @@ def add_gateway_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument(
         "--identities",
         type=Path,
-        help="ClientIdentities file or folder (default with --policies: DIR/identities/)",
+        help="ClientIdentities file or folder (default with --policies: that folder)",
     )
     p.add_argument(
         "--identities-configmap",
@@ -172,18 +172,14 @@ def add_check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument(
         "--identities",
         type=Path,
-        help="ClientIdentities file or folder (default: POLICIES/identities/ if present)",
+        help="ClientIdentities file or folder (default: the --policies folder)",
     )
     p.add_argument("target", help="HOST:PORT")
     p.add_argument("--json", action="store_true", help="print the decision as JSON")
 
 
 def _check_identities(args: argparse.Namespace) -> IdentityTable:
-    path = args.identities
-    if path is None:
-        default = args.policies / IDENTITIES_DIR
-        path = default if default.is_dir() else None
-    return build_table(read_identity_files(path)) if path is not None else IdentityTable()
+    return build_table(read_identity_files(args.identities or args.policies))
 
 
 def _check_client(

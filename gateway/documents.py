@@ -32,6 +32,7 @@ from .selectors import LabelSelector, SelectorError, parse_selector
 
 API_VERSION = "tidegate.io/v1alpha1"
 MAX_RULES_PER_POLICY = 10_000
+IDENTITIES_KIND = "ClientIdentities"  # standalone client identities, beside the policies
 
 
 class PolicyError(ValueError):
@@ -470,6 +471,8 @@ def parse_documents(text: str, *, source: str = "<stream>") -> Documents:
                 raise PolicyError("a document must be a mapping")
             if doc.get("apiVersion") == "v1" and doc.get("kind") == "Namespace":
                 continue  # lets one file serve kubectl apply (which needs it) and a folder
+            if doc.get("apiVersion") == API_VERSION and doc.get("kind") == IDENTITIES_KIND:
+                continue  # client identities: read by the identity source (identity.py)
             if doc.get("apiVersion") != API_VERSION:
                 raise PolicyError(
                     f"apiVersion {doc.get('apiVersion')!r} is not {API_VERSION}",

@@ -40,11 +40,10 @@ from typing import Any, Literal
 import yaml
 
 from .addresses import IPAddress
-from .documents import API_VERSION, PolicyError
+from .documents import API_VERSION, IDENTITIES_KIND, PolicyError
 
 log = logging.getLogger("tidegate.gateway.identity")
 
-IDENTITIES_KIND = "ClientIdentities"
 IDENTITIES_FORMAT = 1
 MAX_ADDRESSES_PER_POD = 8
 
@@ -255,8 +254,12 @@ def _parse(doc: object) -> IdentityDocument:
     return IdentityDocument(generation, shard, shards, namespaces, tuple(pods), host)
 
 
-def load_identity_text(text: str | bytes, *, source: str) -> list[IdentityDocument]:
-    """A file or ConfigMap payload: JSON, or YAML (several documents allowed)."""
+def load_identity_text(
+    text: str | bytes, *, source: str, others: bool = False
+) -> list[IdentityDocument]:
+    """A file or ConfigMap payload: JSON, or YAML (several documents allowed).
+
+    ``others`` True (a policy folder): documents of other kinds are skipped, not errors."""
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
@@ -267,6 +270,10 @@ def load_identity_text(text: str | bytes, *, source: str) -> list[IdentityDocume
             raw_docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except (ValueError, yaml.YAMLError) as exc:
         raise PolicyError(f"not a ClientIdentities document: {exc}", source=source) from None
+    if others:
+        raw_docs = [
+            d for d in raw_docs if isinstance(d, Mapping) and d.get("kind") == IDENTITIES_KIND
+        ]
     return [parse_identities(d, source=source) for d in raw_docs]
 
 

@@ -39,9 +39,6 @@ log = logging.getLogger("tidegate.gateway")
 Polled = DirectorySource | BundleFileSource | IdentityFileSource
 Watched = ConfigMapSource | IdentityConfigMaps
 
-# Standalone: ClientIdentities files in this folder beside the policies say who clients are.
-IDENTITIES_DIR = "identities"
-
 
 @dataclass(frozen=True, slots=True)
 class GatewayOptions:
@@ -117,7 +114,7 @@ async def run_gateway(options: GatewayOptions) -> int:
         polled.append(file_source)
     identities = options.identities
     if identities is None and options.policies is not None:
-        identities = options.policies / IDENTITIES_DIR  # may appear later; empty until then
+        identities = options.policies  # ClientIdentities documents beside the policies
     if identities is not None:
         identity_files = IdentityFileSource(identities, state, interval=options.reload_interval)
         await identity_files.load_once()

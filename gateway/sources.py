@@ -311,20 +311,22 @@ def identity_bytes_from_configmap(obj: dict[str, object]) -> bytes | None:
 
 
 def _identity_files(path: Path) -> list[Path]:
+    """One file, or a folder's files with subfolders (hidden ones skipped, as policies)."""
     if path.is_file():
         return [path]
     try:
-        return sorted(
-            p for p in path.iterdir() if p.suffix in (".yaml", ".yml", ".json") and p.is_file()
-        )
+        found = policy_files(path)
+        found += [p for p in path.iterdir() if p.suffix == ".json" and p.is_file()]
+        return sorted(found)
     except OSError:
         return []
 
 
 def read_identity_files(path: Path) -> list[IdentityDocument]:
+    """Every ClientIdentities document in ``path`` (other kinds, e.g. policies, skipped)."""
     docs: list[IdentityDocument] = []
     for file in _identity_files(path):
-        docs.extend(load_identity_text(file.read_bytes(), source=str(file)))
+        docs.extend(load_identity_text(file.read_bytes(), source=str(file), others=True))
     return docs
 
 

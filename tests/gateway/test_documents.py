@@ -181,6 +181,4 @@ def test_policy_folder_reads_subfolders_but_not_hidden_ones(tmp_path: Path) -> N
     (tmp_path / "sub" / "p.yaml").write_text(policy)
     (tmp_path / "..data").mkdir()  # a mounted ConfigMap's data folder: its files repeat
     (tmp_path / "..data" / "p.yaml").write_text(policy)
-    assert [p.key for p in read_policy_dir(tmp_path).policies] == [
-        "tidegate-system/package-registries"
-    ]
+    assert [p.key for p in read_policy_dir(tmp_path).policies] == ["package-registries"]

@@ -12,7 +12,7 @@ import yaml
 from tidegate.gateway.documents import parse_gateway, parse_policy
 from tidegate.gateway.engine import Engine
 from tidegate.gateway.hosts import normalize_host
-from tidegate.gateway.identity import ClientIdentity, build_table, parse_identities
+from tidegate.gateway.identity import ClientIdentity, build_table, parse_identities, pod_identity
 
 # Who the clients are: 10.1.1.1 is a CI runner pod; everything else is not a pod.
 TABLE = build_table(
@@ -379,7 +379,8 @@ DENY_V4_CIDR = """
 def test_a_v4_cidr_deny_holds_for_ipv6_forms_embedding_it(host: str, reason: str) -> None:
     """An IPv6 literal that reaches an IPv4 address must not step around its deny rule."""
     engine = make_engine({"defaultAction": "Allow"}, DENY_V4_CIDR)
-    decision = engine.decide(ipaddress.ip_address("10.0.0.1"), normalize_host(host), 443)
+    client = pod_identity("t", "client", {}, {})  # a pod of the policy's namespace
+    decision = engine.decide(ipaddress.ip_address("10.0.0.1"), normalize_host(host), 443, client)
     assert decision.reason == reason
 
 
