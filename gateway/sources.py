@@ -310,13 +310,24 @@ def identity_bytes_from_configmap(obj: dict[str, object]) -> bytes | None:
     return None
 
 
+#: Standalone identities files: YAML, but not a Kubernetes object, so not ``.yaml`` (which
+#: ``kubectl apply -R -f`` would try to apply).
+IDENTITIES_SUFFIX = ".identities"
+
+
 def _identity_files(path: Path) -> list[Path]:
-    """One file, or a folder's files with subfolders (hidden ones skipped, as policies)."""
+    """One file, or a folder's ``*.identities``, ``*.json`` and policy files with
+    subfolders (hidden ones skipped, as for policies)."""
     if path.is_file():
         return [path]
     try:
         found = policy_files(path)
-        found += [p for p in path.iterdir() if p.suffix == ".json" and p.is_file()]
+        for extra in path.rglob("*"):
+            relative = extra.relative_to(path).parts
+            if any(part.startswith(".") for part in relative):
+                continue
+            if extra.suffix in (IDENTITIES_SUFFIX, ".json") and extra.is_file():
+                found.append(extra)
         return sorted(found)
     except OSError:
         return []

@@ -126,7 +126,9 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
             ),
             name="follow the default gateway's ConfigMap",
         )
-    runtime.publisher = IdentityPublisher(client)
+    runtime.publisher = IdentityPublisher(
+        client, namespace_allowed=runtime.settings.gateway_namespace_allowed
+    )
 
 
 @kopf.on.cleanup()

@@ -19,7 +19,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,9 +69,17 @@ def _first(store: Iterable[Any] | None) -> Any:
 
 
 class IdentityPublisher:
-    def __init__(self, client: KubeClient, *, debounce: float = DEBOUNCE_SECONDS) -> None:
+    def __init__(
+        self,
+        client: KubeClient,
+        *,
+        debounce: float = DEBOUNCE_SECONDS,
+        namespace_allowed: Callable[[str], bool] = lambda _: True,
+    ) -> None:
         self.client = client
         self.debounce = debounce
+        # Gateways only in namespaces the operator may write to (--gateway-namespace).
+        self.namespace_allowed = namespace_allowed
         self.pods: Mapping[str, Iterable[PodRecord]] = {}
         self.gateways: Mapping[str, Iterable[Mapping[str, Any]]] = {}
         self.namespaces: Mapping[str, Iterable[Mapping[str, str]]] = {}
@@ -111,7 +119,12 @@ class IdentityPublisher:
         started = time.monotonic()
         resolved = resolve(self.pods)
         namespaces = {ns: _first(labels) or {} for ns, labels in self.namespaces.items()}
-        bodies = [(k, _first(v)) for k, v in list(self.gateways.items())]
+        bodies = [
+            (k, body)
+            for k, v in list(self.gateways.items())
+            if (body := _first(v))
+            and self.namespace_allowed(str((body.get("metadata") or {}).get("namespace")))
+        ]
         results = await asyncio.gather(
             *(self.publish(key, body, resolved, namespaces) for key, body in bodies if body),
             return_exceptions=True,

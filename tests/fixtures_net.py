@@ -671,7 +671,7 @@ def write_local_identities(directory: Path, namespace: str = "t", name: str = "l
             }
         ],
     }
-    (folder / "local.yaml").write_text(yaml.safe_dump(doc))
+    (folder / "local.identities").write_text(yaml.safe_dump(doc))
 
 
 # --- the gateway process --------------------------------------------------------------

@@ -33,6 +33,7 @@ from kubehelpers import (
     OperatorProcess,
     delete_pod,
     free_port,
+    gateway_namespace_args,
     get,
     install_crds,
     make_pod,
@@ -204,7 +205,12 @@ def world(
     workdir = tmp_path_factory.mktemp("tenancy")
     install_crds(cp)
     cp.ensure_namespace(NS)
-    operator = OperatorProcess(cp, operator_kubeconfig(cp), workdir / "operator.log")
+    operator = OperatorProcess(
+        cp,
+        operator_kubeconfig(cp, NS),
+        workdir / "operator.log",
+        *gateway_namespace_args(NS),
+    )
     operator.start()
     gateways: list[Gateway] = []
     try:
