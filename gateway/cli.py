@@ -338,6 +338,13 @@ def add_suggest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         "ConfigMap's content): report what enforcing them would deny",
     )
     p.add_argument(
+        "--identities",
+        type=Path,
+        metavar="PATH",
+        help="with --against: ClientIdentities file or folder, so logged pods are judged with "
+        "their labels (default: those in the --against folder; else by namespace only)",
+    )
+    p.add_argument(
         "--check",
         action="store_true",
         help="with --against: exit 1 when enforcing would break anything seen in the last "
@@ -373,6 +380,9 @@ def run_suggest_command(args: argparse.Namespace) -> int:
         return 2
     try:
         against = _load_against(args.against) if args.against is not None else None
+        identities = None
+        if against is not None and (args.identities or args.against.is_dir()):
+            identities = build_table(read_identity_files(args.identities or args.against))
         progress = None if args.no_progress or not sys.stderr.isatty() else sys.stderr
         lines = read_log_lines(args.logs or [None], progress=progress)
         seen = observe(
@@ -387,6 +397,7 @@ def run_suggest_command(args: argparse.Namespace) -> int:
         namespace=args.namespace,
         threshold=args.wildcard_threshold,
         against=against,
+        identities=identities,
     )
     fresh = recent(breakage, since_hours=args.since, now=time.time())
     if args.json and against is not None:

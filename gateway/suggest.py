@@ -46,7 +46,7 @@ from .auditrecord import rfc3339
 from .bundle import Bundle
 from .engine import REASON_RULE_DENY, Engine
 from .hosts import Host, HostError, HostPattern, normalize_host
-from .identity import pod_identity
+from .identity import IdentityTable, pod_identity
 from .logshape import TIME, epoch_of
 from .model import Policy
 from .suffixes import Suffixes, default_suffixes
@@ -369,8 +369,14 @@ def enforced(bundle: Bundle) -> Engine:
     return Engine(gateway, policies)
 
 
-def would_break(seen: Observed, engine: Engine) -> list[Breakage]:
-    """What the (enforced) engine denies among what was let through or caught by a rule."""
+def would_break(
+    seen: Observed, engine: Engine, *, identities: IdentityTable | None = None
+) -> list[Breakage]:
+    """What the (enforced) engine denies among what was let through or caught by a rule.
+
+    ``identities`` (the ClientIdentities of the cluster, when at hand) give a logged pod
+    its labels, so podSelector-narrowed policies are judged as the gateway would.
+    """
     found: dict[tuple[Group, str, int], tuple[Stat, set[str], str, str | None, str | None]] = {}
     candidates = [*seen.let_through.items(), *seen.caught.items()]
     for (group, client, host_name, port), stat in candidates:
@@ -380,8 +386,12 @@ def would_break(seen: Observed, engine: Engine) -> list[Breakage]:
         # The pod the gateway logged behind the address (its labels are not in the log:
         # a podSelector-narrowed policy is judged as not selecting it - the cautious side).
         pod = seen.pods.get(client)
+        address = ipaddress.ip_address(client)
         identity = pod_identity(pod[0], pod[1], {}, {}) if pod is not None else None
-        decision = engine.decide(ipaddress.ip_address(client), host, port, identity)
+        known = identities.lookup(address) if identities is not None else None
+        if known is not None and (pod is None or known.namespace == pod[0]):
+            identity = known
+        decision = engine.decide(address, host, port, identity)
         if decision.allowed:
             continue
         key = (group, host_name, port)
@@ -562,6 +572,7 @@ def render(
     namespace: str,
     threshold: int,
     against: Bundle | None = None,
+    identities: IdentityTable | None = None,
     suffixes: Suffixes | None = None,
 ) -> tuple[str, list[Breakage]]:
     """(YAML text, what enforcing ``against`` would break; empty without ``against``)."""
@@ -576,7 +587,7 @@ def render(
             wanted.setdefault(group, {}).setdefault((host, port), Stat()).add(stat.last, stat.count)
     else:
         refused.update(deny_patterns(against.policies))
-        breakage = would_break(seen, enforced(against))
+        breakage = would_break(seen, enforced(against), identities=identities)
         for b in breakage:
             if (
                 b.reason != REASON_RULE_DENY

@@ -371,3 +371,46 @@ def test_progress_bar_on_a_terminal_goes_to_stderr_only() -> None:
     assert b"lines" not in out.split(b"\n---")[1] and b'host: "*.example.org"' in out
     quiet = run("--no-progress", stdin=logs.encode())
     assert quiet.stderr == b""
+
+
+NARROWED = """
+apiVersion: tidegate.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: runners, namespace: ci}
+spec:
+  mode: Audit
+  podSelector: {matchLabels: {app: runner}}
+  allow:
+    - host: "*.example.com"
+      ports: [443]
+"""
+
+IDENTITIES = """
+apiVersion: tidegate.io/v1alpha1
+kind: ClientIdentities
+pods:
+  - {namespace: ci, name: runner-1, labels: {app: runner}, addresses: [10.1.2.3]}
+"""
+
+
+def test_against_judges_logged_pods_with_their_labels_from_identities(tmp_path: Path) -> None:
+    """Without labels a podSelector cannot match (reported as breakage, the cautious side);
+    with the identities in the --against folder, or given by --identities, it does."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "gw.yaml").write_text(yaml.safe_dump(GATEWAY))
+    (policies / "ci.yaml").write_text(NARROWED)
+    logs = tmp_path / "access.log"
+    logs.write_text(line("a.example.com", client_namespace="ci", client_pod="runner-1") + "\n")
+    against = ["--against", str(policies), "--check"]
+    blind = run(str(logs), *against)
+    assert blind.returncode == 1, blind.stderr
+    assert b"a.example.com:443" in blind.stdout
+    elsewhere = tmp_path / "identities.yaml"
+    elsewhere.write_text(IDENTITIES)
+    assert run(str(logs), *against, "--identities", str(elsewhere)).returncode == 0
+    (policies / "pods.yaml").write_text(IDENTITIES)
+    assert run(str(logs), *against).returncode == 0
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("apiVersion: tidegate.io/v1alpha1\nkind: ClientIdentities\npods: 5\n")
+    assert run(str(logs), *against, "--identities", str(broken)).returncode == 2
