@@ -29,9 +29,16 @@ from pathlib import Path
 
 import aiohttp
 
+from .addresses import IPAddress
 from .bundle import Bundle, compile_bundle, load_bundle, maybe_decompress
 from .documents import Documents, PolicyError, merge_documents, parse_documents
-from .identity import IdentityDocument, build_table, load_identity_text
+from .identity import (
+    ClientIdentity,
+    IdentityDocument,
+    IdentityTable,
+    build_table,
+    load_identity_text,
+)
 from .kubeaccess import KubeAccess
 from .model import Gateway
 from .state import GatewayState
@@ -429,6 +436,9 @@ class _IdentityWatch(ConfigMapWatch):
         self.owner.dropped(self.shard)
 
 
+_Built = tuple[IdentityDocument, IdentityDocument, dict[IPAddress, ClientIdentity]]
+
+
 class IdentityConfigMaps:
     """The identities index ConfigMap ``<name>`` and its shards ``<name>-<i>``.
 
@@ -456,6 +466,8 @@ class IdentityConfigMaps:
         self.index: IdentityDocument | None = None
         self.shards: dict[int, IdentityDocument] = {}
         self._watches: dict[int, asyncio.Task[None]] = {}
+        # shard -> (the index and shard documents it was built from, its entries)
+        self._built: dict[int | None, _Built] = {}
 
     def shard_name(self, shard: int) -> str:
         return f"{self.name}-{shard}"
@@ -499,9 +511,19 @@ class IdentityConfigMaps:
         generation = max(d.generation for d in (index, *complete))
         if generation <= self.state.identities.generation and self.state.identities_loaded:
             return
-        self.state.install_identities(
-            build_table([index, *complete], generation=generation), source=source
-        )
+        # Per shard, the identities are built once (again only when the shard or the
+        # index - namespace labels - changes); a pod churning costs one shard's rebuild
+        # and one dict merge, not the whole table. An address lives in one shard only
+        # (parse_identities checks it), so the merge never hides a conflict.
+        merged: dict[IPAddress, ClientIdentity] = {}
+        for doc in complete:
+            built = self._built.get(doc.shard)
+            if built is None or built[0] is not index or built[1] is not doc:
+                built = (index, doc, dict(build_table([index, doc]).by_address))
+                self._built[doc.shard] = built
+            merged.update(built[2])
+        table = IdentityTable(merged, generation=generation, namespaces=index.namespaces)
+        self.state.install_identities(table, source=source)
 
     async def run(self) -> None:
         index = _IdentityWatch(self, self.name, None)
