@@ -56,6 +56,10 @@ IDENTITY_UNKNOWN = "unknown_client"
 IDENTITY_KINDS = (IDENTITY_POD, IDENTITY_HOST_NETWORK, IDENTITY_CIDR, IDENTITY_UNKNOWN)
 
 LabelKey = tuple[tuple[str, str], ...]
+# The operator's sharded layout a table was built from: (shard count, generation of each
+# document by shard; the index is INDEX_PART). None for hand-written, unsharded files.
+Layout = tuple[int, Mapping[int, int]]
+INDEX_PART = -1
 
 
 def label_key(labels: Mapping[str, str]) -> LabelKey:
@@ -280,7 +284,7 @@ def load_identity_text(
 class IdentityTable:
     """Immutable address -> identity map; build once per change, share freely."""
 
-    __slots__ = ("by_address", "generation", "namespaces", "pods")
+    __slots__ = ("by_address", "generation", "layout", "namespaces", "pods")
 
     def __init__(
         self,
@@ -288,9 +292,11 @@ class IdentityTable:
         *,
         generation: int = 0,
         namespaces: Mapping[str, Mapping[str, str]] | None = None,
+        layout: Layout | None = None,
     ) -> None:
         self.by_address: Mapping[IPAddress, ClientIdentity] = by_address or {}
         self.generation = generation
+        self.layout = layout
         self.namespaces: Mapping[str, Mapping[str, str]] = namespaces or {}
         self.pods = sum(1 for i in self.by_address.values() if i.kind == "pod")
 
@@ -315,6 +321,27 @@ class IdentityTable:
 
 
 EMPTY_TABLE = IdentityTable()
+
+
+def layout_of(documents: Iterable[IdentityDocument]) -> Layout | None:
+    """The operator's layout (index + shards) these documents form, or None."""
+    docs = list(documents)
+    index = next((d for d in docs if d.shard is None and d.shards is not None), None)
+    if index is None or index.shards is None:
+        return None
+    parts = {INDEX_PART if d.shard is None else d.shard: d.generation for d in docs}
+    return index.shards, parts
+
+
+def regresses(new: Layout | None, held: Layout | None) -> bool:
+    """Whether ``new`` would put an older copy of some document of the same layout back in
+    force than ``held`` has. Each shard moves forward on its own: two views (the API watch
+    and the kubelet's files) may each be newest on a different shard, and taking a view by
+    its newest document alone could revive a withdrawn address for its previous pod. A new
+    layout is always written after, and newer than, every document of the old one."""
+    if new is None or held is None or new[0] != held[0]:
+        return False
+    return any(generation < held[1].get(part, -1) for part, generation in new[1].items())
 
 
 def build_table(documents: Iterable[IdentityDocument], *, generation: int = 0) -> IdentityTable:
@@ -346,7 +373,9 @@ def build_table(documents: Iterable[IdentityDocument], *, generation: int = 0) -
     for doc in docs:
         for address in doc.host_network:
             by_address[address] = HOST_NETWORK
-    return IdentityTable(by_address, generation=generation, namespaces=namespaces)
+    return IdentityTable(
+        by_address, generation=generation, namespaces=namespaces, layout=layout_of(docs)
+    )
 
 
 __all__ = [
@@ -363,8 +392,10 @@ __all__ = [
     "IdentityTable",
     "PodEntry",
     "build_table",
+    "layout_of",
     "load_identity_text",
     "parse_identities",
     "pod_identity",
+    "regresses",
     "shard_of",
 ]

@@ -37,6 +37,7 @@ from .identity import (
     IdentityDocument,
     IdentityTable,
     build_table,
+    layout_of,
     load_identity_text,
 )
 from .kubeaccess import KubeAccess
@@ -398,10 +399,9 @@ class IdentityFileSource(_Polling):
         else:  # hand-written: every change is newer
             self._generation += 1
             generation = self._generation
-        self.state.install_identities(
+        return self.state.install_identities(
             build_table(docs, generation=generation), source=str(self.path)
         )
-        return True
 
 
 class _IdentityWatch(ConfigMapWatch):
@@ -522,7 +522,12 @@ class IdentityConfigMaps:
                 built = (index, doc, dict(build_table([index, doc]).by_address))
                 self._built[doc.shard] = built
             merged.update(built[2])
-        table = IdentityTable(merged, generation=generation, namespaces=index.namespaces)
+        table = IdentityTable(
+            merged,
+            generation=generation,
+            namespaces=index.namespaces,
+            layout=layout_of([index, *complete]),
+        )
         self.state.install_identities(table, source=source)
 
     async def run(self) -> None:

@@ -19,7 +19,7 @@ import logging
 from .bundle import Bundle
 from .dns import Resolver
 from .engine import Engine
-from .identity import EMPTY_TABLE, IdentityTable
+from .identity import EMPTY_TABLE, IdentityTable, regresses
 from .observe import Metrics
 
 log = logging.getLogger("tidegate.gateway.state")
@@ -42,8 +42,20 @@ class GatewayState:
         self.identities_required = False
         self.identities_loaded = False
 
-    def install_identities(self, table: IdentityTable, *, source: str) -> None:
-        """Swap in a new identity table (one reference; connections read it once)."""
+    def install_identities(self, table: IdentityTable, *, source: str) -> bool:
+        """Swap in a new identity table (one reference; connections read it once).
+
+        Refused (False, counted ``stale``) when it holds an older copy of some shard than
+        the table in force: the identities arrive by two paths (watch and files)."""
+        if self.identities_loaded and regresses(table.layout, self.identities.layout):
+            self.metrics.identity_reloads.labels("stale").inc()
+            log.info(
+                "identities from %s hold an older shard than generation %d in force; "
+                "waiting for the rest",
+                source,
+                self.identities.generation,
+            )
+            return False
         first = not self.identities_loaded
         self.identities = table
         self.identities_loaded = True
@@ -58,6 +70,7 @@ class GatewayState:
             table.pods,
             source,
         )
+        return True
 
     def reject_identities(self, error: Exception, *, source: str) -> None:
         self.metrics.identity_reloads.labels("error").inc()
