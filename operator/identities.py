@@ -74,9 +74,13 @@ def pod_record(
     addresses: list[str] = []
     for text in found:
         try:
-            addresses.append(str(ipaddress.ip_address(text)))
+            ip = ipaddress.ip_address(text)
         except ValueError:
             continue  # nothing the API server would store; skip rather than fail the pod
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # as the gateway judges it, and so in the same shard
+        if str(ip) not in addresses:
+            addresses.append(str(ip))
     if not addresses:
         return None
     return PodRecord(

@@ -93,3 +93,30 @@ def test_shard_count_grows_with_size_and_shrinks_with_hysteresis() -> None:
     assert shard_count(3 * SHARD_TARGET_BYTES, current=8) == 8  # no flapping just below
     assert shard_count(SHARD_TARGET_BYTES // 8, current=8) == 4  # shrinks a step at a time
     assert shard_count(10**12) == 32
+
+
+def test_an_ipv4_mapped_pod_address_is_published_as_ipv4_in_its_gateway_shard() -> None:
+    """The gateway judges ::ffff:a.b.c.d as a.b.c.d and checks each address's shard that
+    way; an address published in its IPv6 form would land in the wrong shard and the whole
+    shard - every pod in it - would be refused, leaving its previous owners in force."""
+    found = None
+    for i in range(1, 40):  # an address whose IPv4 and mapped forms hash apart
+        mapped = f"::ffff:10.9.0.{i}"
+        if shard_of(ipaddress.ip_address(mapped), 4) != shard_of(
+            ipaddress.ip_address(f"10.9.0.{i}"), 4
+        ):
+            found = mapped
+            break
+    assert found is not None
+    pod = pod_record(
+        namespace="ns",
+        name="p",
+        labels={},
+        spec={},
+        status={"phase": "Running", "podIP": found, "podIPs": [{"ip": found}]},
+    )
+    assert pod is not None and pod.addresses == (found.removeprefix("::ffff:"),)
+    claims = {a: [pod] for a in pod.addresses}
+    index, shards = build_documents(resolve(claims), {}, index_name="g", current_shards=4)
+    docs = [d for s in [index, *shards] for d in load_identity_text(s.payload(1), source="t")]
+    assert build_table(docs).lookup(ipaddress.ip_address(found)) is not None
