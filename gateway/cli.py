@@ -202,6 +202,8 @@ def _check_client(
                 f"pod {namespace}/{name} is not in the identities; "
                 "give --namespace NS --labels k=v instead"
             )
+        if client is not None and table.lookup(client) != found[1]:
+            raise ValueError(f"{client} is not an address of pod {namespace}/{name}")
         return client or found[0], found[1]
     if args.namespace:
         labels = parse_labels(args.labels)

@@ -76,3 +76,8 @@ def test_examples_allow_github_for_the_local_runner_and_nobody_else() -> None:
     assert check("--client", "10.0.0.5", "github.com:443").returncode == 1
     # Every pod may use the package mirror (a ClusterEgressPolicy with namespaceSelector {}).
     assert check("--namespace", "web", "pkgs.example.com:443").returncode == 0
+    # --pod with an address that is not that pod's: refused, not judged as the pod.
+    mixed = check("--pod", "ci/local-runner", "--client", "10.0.0.5", "github.com:443")
+    assert mixed.returncode == 2 and "not an address of pod ci/local-runner" in mixed.stderr
+    same = check("--pod", "ci/local-runner", "--client", "127.0.0.1", "github.com:443")
+    assert same.returncode == 0, same.stderr
