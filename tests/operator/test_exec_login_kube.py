@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from credhelpers import ExecUser, exec_kubeconfig, exec_user
 from fixtures_kube import ControlPlane
 from kubehelpers import OperatorProcess, chart_cluster_role, get, install_crds, ready, wait_for
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kube"))
-from credhelpers import ExecUser, exec_kubeconfig, exec_user
 
 pytestmark = pytest.mark.kube
 

@@ -19,7 +19,7 @@ import requests
 import yaml
 from fixtures_kube import ControlPlane
 
-PLUGIN = Path(__file__).with_name("exec_credential_plugin.py")
+PLUGIN = Path(__file__).parent / "kube" / "exec_credential_plugin.py"
 EXEC_API = "client.authentication.k8s.io/v1beta1"
 
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import yaml
 from fixtures_kube import ControlPlane
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 TIDEGATE = Path(sys.executable).parent / "tidegate"
 T = TypeVar("T")
 
