@@ -175,6 +175,11 @@ def build_documents(
     pieces: list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, PodRecord]] = []
     total = 0
     for record, addresses in resolved.pods.values():
+        if record.namespace not in namespaces:
+            # Its namespace's labels are not known yet (the namespace event comes on its
+            # own watch): left out - an unknown client - until they are, rather than
+            # published with none, which NotIn / DoesNotExist namespaceSelectors match.
+            continue
         size = 80 + len(record.key) + sum(len(k) + len(v) + 6 for k, v in record.labels)
         for address in addresses:
             pieces.append((ipaddress.ip_address(address), record))

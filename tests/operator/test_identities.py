@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from typing import Any
 
 from tidegate.gateway.identity import build_table, load_identity_text, shard_of
 from tidegate.operator.identities import (
@@ -117,6 +118,23 @@ def test_an_ipv4_mapped_pod_address_is_published_as_ipv4_in_its_gateway_shard() 
     )
     assert pod is not None and pod.addresses == (found.removeprefix("::ffff:"),)
     claims = {a: [pod] for a in pod.addresses}
-    index, shards = build_documents(resolve(claims), {}, index_name="g", current_shards=4)
+    index, shards = build_documents(resolve(claims), {"ns": {}}, index_name="g", current_shards=4)
     docs = [d for s in [index, *shards] for d in load_identity_text(s.payload(1), source="t")]
     assert build_table(docs).lookup(ipaddress.ip_address(found)) is not None
+
+
+def test_a_pod_whose_namespace_is_not_known_yet_is_not_published() -> None:
+    """Until the namespace (and so its labels) is in the index, a pod of it is left out -
+    an unknown client - rather than published with no namespace labels, which a
+    ClusterEgressPolicy's ``NotIn`` / ``DoesNotExist`` namespaceSelector would match
+    (a namespace labelled ``restricted`` would briefly pass for an unrestricted one)."""
+    claims = {"10.3.0.1": [record("fresh", "p", "10.3.0.1")]}
+
+    def docs_of(namespaces: dict[str, dict[str, str]]) -> list[Any]:
+        index, shards = build_documents(resolve(claims), namespaces, index_name="g")
+        return [d for s in [index, *shards] for d in load_identity_text(s.payload(1), source="t")]
+
+    address = ipaddress.ip_address("10.3.0.1")
+    assert build_table(docs_of({"other": {}})).lookup(address) is None
+    found = build_table(docs_of({"fresh": {"restricted": "yes"}})).lookup(address)
+    assert found is not None and found.namespace_labels["restricted"] == "yes"
