@@ -143,6 +143,10 @@ class IdentityPublisher:
 
     async def _load(self, names: Names, state: _GatewayState) -> None:
         """Learn what is stored (after a restart): shard count, generations, shas."""
+        # Never below the wall clock (µs): gateways ignore older documents, so a count that
+        # started again at 1 (the ConfigMaps deleted while the operator was down) would be
+        # ignored by every running gateway. The stored generations may be higher still.
+        state.generation = max(state.generation, time.time_ns() // 1000)
         for name in [names.identities] + [
             names.identity_shard(i) for i in range(MAX_IDENTITY_SHARDS)
         ]:
