@@ -45,8 +45,16 @@ GW = "e2e"
 API = "tidegate.io/v1alpha1"
 
 
+# The client pod's address: its own loopback address, so no Pod object left by another test
+# module on the shared API server (gateway stand-ins at 127.0.0.1) claims it too - an address
+# claimed by two pods is published for neither, by design.
+CLIENT_IP = "127.0.0.9"
+
+
 def connect_status(port: int, target: str, timeout: float = 2.0) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=timeout, source_address=(CLIENT_IP, 0)
+    ) as sock:
         sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
         head = b""
         while b"\r\n" not in head:
@@ -140,7 +148,7 @@ def test_apply_to_enforced_through_the_configmap_watch(
     kubeconfig = cp.token_for(f"{GW}-gateway", NS)
     # The client is a pod of the policies' namespace: an object whose status.podIP is the
     # loopback address the test connects from (there is no kubelet to set it).
-    make_pod(cp, NS, "client", {"app": "client"}, "127.0.0.1")
+    make_pod(cp, NS, "client", {"app": "client"}, CLIENT_IP)
     denied = cp.kubectl("--kubeconfig", str(kubeconfig), "get", "secrets", "-n", NS, check=False)
     assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
 
