@@ -737,12 +737,14 @@ class GatewayProcess:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def wait_log(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5.0
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5.0, *, after: int = 0
     ) -> dict[str, Any]:
-        """The first access-log line matching ``predicate`` (lines are flushed every 0.2 s)."""
+        """The first access-log line matching ``predicate`` (lines are flushed every 0.2 s),
+        among those past the first ``after`` (a shared gateway's earlier lines: take
+        ``len(gw.log_lines())`` before the request)."""
         deadline = time.monotonic() + timeout
         while True:
-            for line in self.log_lines():
+            for line in self.log_lines()[after:]:
                 if predicate(line):
                     return line
             if time.monotonic() > deadline:
