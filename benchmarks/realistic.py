@@ -2,6 +2,8 @@
 
 Deterministic (seeded) so runs compare. The bench destination ``upstream.test`` is
 allowed by one policy in the middle of the set, so every request walks the real index.
+About 30% are ClusterEgressPolicies selecting peered-VPC ranges by cidr (and the one that
+allows the loopback bench client); the rest are EgressPolicies for their namespace's pods.
 """
 
 from __future__ import annotations
@@ -66,10 +68,16 @@ def policy_objects(
         if rng.random() < 0.05:
             spec["mode"] = "Audit"
         if i == count // 2:
-            spec.pop("sources", None)
+            # The bench client is a loopback address the gateway knows no pod for, so only
+            # cluster policies selecting it by cidr govern it (docs/policies.md).
+            spec["sources"] = {"cidrs": ["127.0.0.0/8"]}
             spec["mode"] = "Enforce"
             allow.append({"host": "upstream.test", "ports": [9443, 9080, 9090, 443, 80]})
-        out.append({"metadata": {"name": f"policy-{i:04d}", "namespace": team}, "spec": spec})
+        name = f"policy-{i:04d}"
+        if "sources" in spec:  # clients that are not pods: a ClusterEgressPolicy's business
+            out.append({"kind": "ClusterEgressPolicy", "metadata": {"name": name}, "spec": spec})
+        else:
+            out.append({"metadata": {"name": name, "namespace": team}, "spec": spec})
     return out
 
 
