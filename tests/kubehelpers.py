@@ -268,3 +268,19 @@ def delete_pod(cp: ControlPlane, namespace: str, name: str) -> None:
     cp.kubectl(
         "delete", "pod", name, "-n", namespace, "--grace-period=0", "--force", "--wait=false"
     )
+
+
+def connect_status(port: int, target: str, *, source: str, timeout: float = 5.0) -> int:
+    """CONNECT through the gateway on loopback ``port`` from the loopback address
+    ``source`` (a client pod's address); the status code, 0 when the gateway closed first."""
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=timeout, source_address=(source, 0)
+    ) as sock:
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return 0
+            head += chunk
+        return int(head.split(b" ", 2)[1])

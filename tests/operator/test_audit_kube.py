@@ -12,7 +12,6 @@ gateway pods (NetworkPolicies must let the operator reach the admin port; docs/a
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,6 +31,9 @@ from kubehelpers import (
     make_pod,
     operator_kubeconfig,
     wait_for,
+)
+from kubehelpers import (
+    connect_status as kube_connect_status,
 )
 
 pytestmark = pytest.mark.kube
@@ -153,12 +155,7 @@ CLIENT_IP = "127.0.0.7"
 
 
 def connect_status(port: int, target: str) -> int:
-    with socket.create_connection(
-        ("127.0.0.1", port), timeout=5, source_address=(CLIENT_IP, 0)
-    ) as sock:
-        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-        head = sock.recv(4096)
-        return int(head.split(b" ", 2)[1]) if head else 0
+    return kube_connect_status(port, target, source=CLIENT_IP)
 
 
 def test_would_deny_reaches_the_policy_status_and_quiet_policies_get_ready_to_enforce(

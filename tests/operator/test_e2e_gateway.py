@@ -11,7 +11,6 @@ itself only fails on a functional bound).
 from __future__ import annotations
 
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,9 @@ from kubehelpers import (
     ready,
     wait_for,
 )
+from kubehelpers import (
+    connect_status as kube_connect_status,
+)
 
 pytestmark = pytest.mark.kube
 
@@ -51,18 +53,8 @@ API = "tidegate.io/v1alpha1"
 CLIENT_IP = "127.0.0.9"
 
 
-def connect_status(port: int, target: str, timeout: float = 2.0) -> int:
-    with socket.create_connection(
-        ("127.0.0.1", port), timeout=timeout, source_address=(CLIENT_IP, 0)
-    ) as sock:
-        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-        head = b""
-        while b"\r\n" not in head:
-            chunk = sock.recv(4096)
-            if not chunk:
-                return 0
-            head += chunk
-        return int(head.split(b" ", 2)[1])
+def connect_status(port: int, target: str) -> int:
+    return kube_connect_status(port, target, source=CLIENT_IP, timeout=2.0)
 
 
 class Gateway:
